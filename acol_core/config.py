@@ -1,0 +1,88 @@
+"""Typed training configuration; serialises to the plain dict Ray's ``train_loop_config`` takes.
+
+Examples:
+    >>> cfg = TrainConfig.from_dict({"model": "acol", "model_options": {"delta": 0.7}})
+    >>> TrainConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "TrainConfig", "load_config_file"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (unknown key, value out of range)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs besides the data.
+
+    ``model_options`` go to ``create_model`` (``delta``, ``head_width``, ...).
+    """
+
+    model: str = "acol"
+    backbone: str = "tiny"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    num_classes: int = 2
+    in_channels: int = 1
+    image_size: int = 128
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    augment: bool = True
+    seed: int = 0
+    amp: str = "auto"
+    num_threads: int = 0
+    checkpoint_every: int = 1
+    val_step: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("cosine", "step", "constant"):
+            raise ConfigError(f"lr_schedule must be cosine, step or constant, got {self.lr_schedule!r}")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ConfigError(f"amp must be auto, bf16 or off, got {self.amp!r}")
+        delta = self.model_options.get("delta")
+        if delta is not None and not 0.0 < float(delta) < 1.0:
+            raise ConfigError(f"delta must be in (0, 1), got {delta}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML/JSON config file into a dict (validated later by ``TrainConfig.from_dict``)."""
+    import yaml
+
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data

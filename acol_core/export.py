@@ -1,0 +1,118 @@
+"""The exported model: one self-describing ``.safetensors`` file.
+
+Weights are safetensors tensors; the header's metadata carries one JSON document with everything
+``localize`` needs (model name and options, backbone, class names, input size, channel count,
+normalisation). Loading parses JSON and raw tensors only: nothing is ever unpickled.
+
+Examples:
+    >>> path = export_model(model, config, ["healthy", "tumour"], "runs/x/model.safetensors")  # doctest: +SKIP
+    >>> model, info = load_exported("runs/x/model.safetensors")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from acol_core.config import TrainConfig
+
+__all__ = ["EXPORT_FORMAT", "ExportError", "ExportedInfo", "export_bytes", "export_model", "load_exported", "read_export_info"]
+
+EXPORT_FORMAT = "acol-flow/model/v1"
+_KEY = "acol_flow"
+
+
+class ExportError(ValueError):
+    """The file is not an acol-flow model export (or is damaged)."""
+
+
+@dataclass(frozen=True)
+class ExportedInfo:
+    config: TrainConfig
+    class_names: list[str]
+    normalization: str
+    extra: dict[str, Any]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def export_bytes(model: nn.Module, config: TrainConfig, class_names: list[str], **extra: Any) -> bytes:
+    if len(class_names) != config.num_classes:
+        raise ExportError(f"{len(class_names)} class names for a model with {config.num_classes} classes")
+    info = {
+        "format": EXPORT_FORMAT,
+        "config": config.to_dict(),
+        "class_names": list(class_names),
+        "input_size": config.image_size,
+        "in_channels": config.in_channels,
+        "normalization": "per-image z-score after scaling to [0, 1]",
+        "extra": extra,
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
+    return st_save(tensors, metadata={_KEY: json.dumps(info)})
+
+
+def export_model(model: nn.Module, config: TrainConfig, class_names: list[str], uri: str, **extra: Any) -> str:
+    """Write the export to ``uri`` (local path or s3://) atomically; returns the URI."""
+    from acol_core.storage import write_bytes
+
+    write_bytes(uri, export_bytes(model, config, class_names, **extra))
+    return uri
+
+
+def _parse_header(data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise ExportError("file too short to be a safetensors model export")
+    size = int.from_bytes(data[:8], "little")
+    if size <= 0 or 8 + size > len(data):
+        raise ExportError("not a safetensors file (bad header length) or truncated")
+    try:
+        header = json.loads(data[8 : 8 + size])
+        info = json.loads(header["__metadata__"][_KEY])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExportError("not an acol-flow model export (no acol_flow metadata)") from exc
+    if info.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"unsupported export format {info.get('format')!r}, expected {EXPORT_FORMAT}")
+    return info
+
+
+def read_export_info(data: bytes) -> ExportedInfo:
+    info = _parse_header(data)
+    return ExportedInfo(
+        config=TrainConfig.from_dict(info["config"]),
+        class_names=list(info["class_names"]),
+        normalization=info["normalization"],
+        extra=dict(info.get("extra", {})),
+    )
+
+
+def load_exported(uri_or_bytes: str | bytes, device: str | torch.device = "cpu") -> tuple[nn.Module, ExportedInfo]:
+    """Build the model the file describes and load its weights (strict)."""
+    from acol_core.models import create_model
+    from acol_core.storage import read_bytes
+
+    data = uri_or_bytes if isinstance(uri_or_bytes, bytes) else read_bytes(uri_or_bytes)
+    info = read_export_info(data)
+    cfg = info.config
+    try:
+        tensors = st_load(data)
+    except SafetensorError as exc:
+        raise ExportError(f"damaged model export: {exc}") from exc
+    model = create_model(
+        cfg.model, num_classes=cfg.num_classes, in_channels=cfg.in_channels, backbone=cfg.backbone,
+        **cfg.model_options,
+    )
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"weights do not match the described model: {str(exc).splitlines()[0]}") from exc
+    return model.to(device).eval(), info

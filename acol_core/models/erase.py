@@ -1,0 +1,106 @@
+"""Pure tensor functions behind the heads: map normalisation, ACoL's erase, class-map selection, fusion.
+
+Modules in `heads.py` are thin wrappers around these (wsolevaluation's `_erase_attention` style), so the
+arithmetic is tested on hand-built tensors.
+
+Examples:
+    >>> m = torch.tensor([[[0.0, 1.0], [2.0, 4.0]]])
+    >>> normalize_maps(m)
+    tensor([[[0.0000, 0.2500],
+             [0.5000, 1.0000]]])
+    >>> erase_mask(normalize_maps(m), 0.5)
+    tensor([[[1., 1.],
+             [0., 0.]]])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_delta",
+    "erase_features",
+    "erase_mask",
+    "fuse_max",
+    "normalize_maps",
+    "select_class_maps",
+]
+
+
+def check_delta(delta: float) -> float:
+    """Return `delta` as a float if 0 < delta < 1, else raise ValueError."""
+    value = float(delta)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"delta must lie strictly between 0 and 1, got {delta!r}")
+    return value
+
+
+def normalize_maps(maps: Tensor) -> Tensor:
+    """Min-max normalise every map over its last two dims (h, w) to [0, 1].
+
+    Works for any leading shape (N×h×w, N×C×h×w). A map that is constant, or holds any NaN/inf, becomes
+    all zeros (wsolevaluation's rule), so the result is always finite. Differentiable where defined.
+    """
+    if maps.dim() < 2:
+        raise ValueError(f"maps need at least 2 dims (h, w), got shape {tuple(maps.shape)}")
+    if not maps.is_floating_point():
+        maps = maps.float()
+    if maps.shape[-1] * maps.shape[-2] == 0:
+        return maps.new_zeros(maps.shape)
+    flat = maps.flatten(-2)
+    finite = torch.isfinite(flat).all(dim=-1, keepdim=True)
+    # Zero out bad maps before min/max so no NaN reaches the arithmetic (or its backward).
+    safe = torch.where(finite, flat, torch.zeros_like(flat))
+    low = safe.amin(dim=-1, keepdim=True)
+    span = safe.amax(dim=-1, keepdim=True) - low
+    valid = finite & (span > 0)
+    scaled = (safe - low) / torch.where(valid, span, torch.ones_like(span))
+    out = torch.where(valid, scaled, torch.zeros_like(scaled)).clamp(0.0, 1.0)
+    return out.reshape(maps.shape)
+
+
+def erase_mask(norm_map: Tensor, delta: float) -> Tensor:
+    """1 where `norm_map < delta` (keep), 0 where `norm_map >= delta` (erase); carries no gradient.
+
+    The mask is a hard threshold: ACoL does not back-propagate through the choice of erased positions.
+    """
+    delta = check_delta(delta)
+    dtype = norm_map.dtype if norm_map.is_floating_point() else torch.float32
+    with torch.no_grad():
+        return (norm_map.detach() < delta).to(dtype)
+
+
+def erase_features(features: Tensor, norm_map: Tensor, delta: float) -> Tensor:
+    """Zero the positions of `features` (N×K×h×w) where `norm_map` (N×h×w) is >= delta.
+
+    Gradients reach `features` through the kept positions only, and never reach `norm_map`.
+    """
+    if features.dim() != 4 or norm_map.shape != (features.shape[0], *features.shape[2:]):
+        raise ValueError(
+            f"features N×K×h×w and norm_map N×h×w must agree, got {tuple(features.shape)} "
+            f"and {tuple(norm_map.shape)}"
+        )
+    return features * erase_mask(norm_map, delta).to(features.dtype).unsqueeze(1)
+
+
+def select_class_maps(maps: Tensor, classes: Tensor) -> Tensor:
+    """Pick, for each sample n, the map of class `classes[n]`: N×C×h×w, (N,) -> N×h×w."""
+    if maps.dim() != 4:
+        raise ValueError(f"maps must be N×C×h×w, got shape {tuple(maps.shape)}")
+    if classes.shape != (maps.shape[0],) or classes.is_floating_point():
+        raise ValueError(
+            f"classes must be an integer tensor of shape ({maps.shape[0]},), got "
+            f"{classes.dtype} {tuple(classes.shape)}"
+        )
+    classes = classes.to(device=maps.device, dtype=torch.long)
+    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= maps.shape[1]):
+        raise ValueError(f"classes must lie in [0, {maps.shape[1]}), got {classes.tolist()}")
+    return maps[torch.arange(maps.shape[0], device=maps.device), classes]
+
+
+def fuse_max(a: Tensor, b: Tensor) -> Tensor:
+    """Element-wise maximum of two maps of the same shape (ACoL's fused localisation map)."""
+    if a.shape != b.shape:
+        raise ValueError(f"maps to fuse must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return torch.maximum(a, b)

@@ -1,0 +1,288 @@
+"""One worker's training loop: plain torch, runs alone in one process or under Ray Train.
+
+Run alone (in-memory batches)::
+
+    from acol_core.train import fit
+    result = fit(TrainConfig(model="acol"), train_batches=lambda epoch: loader(epoch))
+
+Under Ray Train, ``acol_core.jobs.train_run`` passes batches streamed by Ray Data and a hook that
+reports metrics and checkpoints; nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from acol_core.config import TrainConfig
+from acol_core.localize import boxes_from_mask, normalize_cam, resize_map
+from acol_core.metrics import classification_accuracy, max_box_acc, off_target_share, pxap
+from acol_core.models import create_model
+
+__all__ = [
+    "EpochHook",
+    "FitResult",
+    "autocast",
+    "build_model",
+    "checkpoint_bytes",
+    "fit",
+    "iterate_minibatches",
+    "load_checkpoint_bytes",
+    "localization_metrics",
+    "make_optimizer",
+    "make_scheduler",
+    "predict",
+    "select_device",
+    "train_epoch",
+    "unwrap",
+]
+
+Batch = dict[str, Any]
+
+
+class EpochHook(Protocol):
+    """Called after every epoch; ``state`` builds the checkpoint state dict on demand."""
+
+    def __call__(self, epoch: int, metrics: dict[str, float], state: Callable[[], dict]) -> None: ...
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def select_device(prefer: str = "auto") -> torch.device:
+    if prefer != "auto":
+        return torch.device(prefer)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (``auto``/``bf16``); full precision on CPU, where bf16 is slower."""
+    if device.type == "cuda" and amp in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (``compute_loss`` lives there)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    torch.manual_seed(config.seed)
+    return create_model(
+        config.model,
+        num_classes=config.num_classes,
+        in_channels=config.in_channels,
+        backbone=config.backbone,
+        pretrained=config.pretrained,
+        **config.model_options,
+    )
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """ACoL's recipe: SGD, momentum 0.9, weight decay 5e-4, heads at 10x the backbone's rate."""
+    return torch.optim.SGD(
+        unwrap(model).param_groups(config.lr), lr=config.lr, momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule (stepped once per epoch, so resuming at an epoch boundary is exact)."""
+    epochs = config.epochs
+
+    def factor(epoch: int) -> float:
+        if config.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+        if config.lr_schedule == "step":
+            return 0.1 ** (epoch // max(1, int(epochs * 0.66)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def iterate_minibatches(
+    arrays: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator | None, augment: bool
+) -> Iterator[Batch]:
+    """Shuffle (when ``rng``) and cut in-memory arrays into batches; the plain-process data path."""
+    from acol_core.data.transforms import augment_batch
+
+    n = len(arrays["label"])
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        batch = {k: v[idx] for k, v in arrays.items()}
+        if augment and rng is not None:
+            batch = augment_batch(batch, rng)
+        yield batch
+
+
+def _to_tensor(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(value))
+    return t.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    device: torch.device,
+    amp: str = "auto",
+) -> dict[str, float]:
+    """One pass over ``batches``; returns mean loss, train accuracy, images and images/s."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    started = time.perf_counter()
+    for batch in batches:
+        images = _to_tensor(batch["image"], device, torch.float32)
+        labels = _to_tensor(batch["label"], device, torch.long)
+        with autocast(device, amp):
+            outputs = model(images, labels)
+            losses = unwrap(model).compute_loss(outputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        total_loss += float(losses["loss"].detach()) * len(labels)
+        correct += int((outputs["logits"].detach().argmax(1) == labels).sum())
+        seen += len(labels)
+    elapsed = time.perf_counter() - started
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "train_images": float(seen),
+        "train_images_per_s": seen / max(elapsed, 1e-9),
+    }
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, batches: Iterable[Batch], device: torch.device, amp: str = "auto", use_labels: bool = True
+) -> dict[str, np.ndarray]:
+    """Logits, predictions and normalised CAMs at input resolution for every row of ``batches``.
+
+    With ``use_labels`` the map is the ground-truth class's (wsolevaluation's GT-known protocol);
+    otherwise the predicted class's.
+    """
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {}
+    for batch in batches:
+        images = _to_tensor(batch["image"], device, torch.float32)
+        labels = _to_tensor(batch["label"], device, torch.long) if use_labels else None
+        with autocast(device, amp):
+            outputs = model(images, labels)
+        size = tuple(images.shape[-2:])
+        cams = normalize_cam(resize_map(outputs["cam"].float().cpu().numpy(), size))
+        logits = outputs["logits"].float().cpu().numpy()
+        parts = {"logits": logits, "pred": logits.argmax(1), "cam": cams}
+        parts.update({k: np.asarray(batch[k]) for k in ("label", "mask", "anatomy_mask", "fullsup") if k in batch})
+        for key, value in parts.items():
+            out.setdefault(key, []).append(value)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def localization_metrics(pred: dict[str, np.ndarray], rows: np.ndarray | None = None, step: float = 0.01) -> dict:
+    """WSOL metrics on the rows that contain an object (non-empty mask), optionally a subset.
+
+    Healthy MRI slices have no object: localisation is scored on object rows only (GT-known),
+    classification accuracy on all rows.
+    """
+    metrics = {"accuracy": classification_accuracy(pred["pred"], pred["label"])}
+    if "mask" not in pred:
+        return metrics
+    has_object = (pred["mask"] == 1).reshape(len(pred["mask"]), -1).any(1)
+    keep = has_object if rows is None else has_object & rows
+    metrics["localized_rows"] = int(keep.sum())
+    if not keep.any():
+        return metrics
+    cams, masks = pred["cam"][keep], pred["mask"][keep]
+    boxes = [boxes_from_mask((m == 1).astype(np.uint8)) for m in masks]
+    metrics["pxap"] = pxap(cams, masks, step=step)
+    metrics["max_box_acc_v2"] = max_box_acc(cams, boxes, (0.3, 0.5, 0.7), multi_contour=True, step=step)["mean"]
+    if "anatomy_mask" in pred:
+        anatomy = (pred["anatomy_mask"][keep] == 1).astype(np.uint8)
+        metrics["off_target"] = off_target_share(cams, anatomy)
+    return metrics
+
+
+def checkpoint_bytes(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint_bytes(data: bytes) -> dict:
+    """Checkpoints hold tensors and plain numbers only: never unpickle arbitrary objects."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def fit(
+    config: TrainConfig,
+    train_batches: Callable[[int], Iterable[Batch]],
+    val_batches: Callable[[], Iterable[Batch]] | None = None,
+    hooks: Sequence[EpochHook] = (),
+    resume: dict | None = None,
+    model: nn.Module | None = None,
+    device: torch.device | None = None,
+    prepare: Callable[[nn.Module], nn.Module] | None = None,
+) -> FitResult:
+    """Train for ``config.epochs`` epochs, starting after ``resume["epoch"]`` when given.
+
+    Args:
+        train_batches: epoch -> batches; the caller owns shuffling (seeded by epoch so reruns match).
+        val_batches: batches of validation rows; scored with ``localization_metrics`` on ``fullsup`` rows.
+        hooks: called after each epoch (checkpointing, reporting).
+        prepare: wraps the model after it is on its device (Ray's ``prepare_model`` for DDP).
+    """
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = device or select_device()
+    model = model if model is not None else build_model(config)
+    model.to(device)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    if prepare is not None:
+        model = prepare(model)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config)
+    start = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        start = int(resume["epoch"]) + 1
+    result = FitResult(model=model)
+    for epoch in range(start, config.epochs):
+        torch.manual_seed(config.seed * 1000 + epoch)
+        metrics: dict[str, float] = {"epoch": float(epoch), "lr": optimizer.param_groups[0]["lr"]}
+        metrics.update(train_epoch(model, optimizer, train_batches(epoch), device, config.amp))
+        scheduler.step()
+        if val_batches is not None:
+            pred = predict(model, val_batches(), device, config.amp)
+            fullsup = pred.get("fullsup")
+            val = localization_metrics(pred, rows=fullsup if fullsup is not None else None, step=config.val_step)
+            metrics.update({f"val_{k}": float(v) for k, v in val.items()})
+
+        def state(epoch: int = epoch) -> dict:
+            return {
+                "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "config": config.to_dict(),
+            }
+
+        for hook in hooks:
+            hook(epoch, metrics, state)
+        result.history.append(metrics)
+    return result
