@@ -1,0 +1,156 @@
+"""The ``acol`` command: one verb per pipeline stage. Every URI may be a local path or ``s3://``.
+
+    acol prepare --source phantom --output runs/data
+    acol train --data runs/data --model acol --backbone tiny --storage runs/train --workers 2
+
+Errors are one line on stderr and a non-zero exit; the Ray adapters are imported only by the verbs
+that need them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from acol_core.config import ConfigError
+    from acol_core.data.shards import DatasetError
+    from acol_core.data.sources import DataSourceError
+    from acol_core.export import ExportError
+    from acol_core.storage import StorageError
+
+    return (ConfigError, DatasetError, DataSourceError, ExportError, StorageError, ValueError, FileNotFoundError)
+
+
+def clear_errors(fn: F) -> F:
+    """Known failures become one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as exc:
+            typer.echo(f"acol {fn.__name__}: error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {pair!r}")
+        out[key.replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+@app.command(epilog="Example: acol prepare --source phantom --output runs/data --option num_subjects=20")
+@clear_errors
+def prepare(
+    source: str = typer.Option("phantom", help="phantom, imagefolder, wsol-metadata or nifti"),
+    output: str = typer.Option(..., help="dataset URI to write (local path or s3://)"),
+    input: str | None = typer.Option(None, "--input", help="source URI (not for phantom)"),
+    seed: int = typer.Option(0, help="split seed"),
+    fullsup_per_class: int = typer.Option(5, help="val rows per class whose ground truth may be used"),
+    rows_per_shard: int = typer.Option(256),
+    option: list[str] = typer.Option([], "--option", "-o", help="source option key=value (repeatable)"),
+) -> None:
+    """Read a source and write the Parquet dataset (shards, then _manifest.json last)."""
+    from acol_core.data.prepare import prepare_dataset
+
+    with _progress("prepare") as progress:
+        manifest = prepare_dataset(
+            source, output, input_uri=input, seed=seed, fullsup_per_class=fullsup_per_class,
+            rows_per_shard=rows_per_shard, progress=progress, **_parse_options(option),
+        )
+    summary = manifest.to_dict() if hasattr(manifest, "to_dict") else dict(manifest)
+    typer.echo(json.dumps({k: summary[k] for k in ("accepted", "rejected", "split_counts") if k in summary}))
+
+
+class _progress:
+    """A progress line on stderr for long work: ``progress(done, total)``."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        width = 30
+        filled = int(width * done / max(total, 1))
+        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+        if self.tty:
+            sys.stderr.write("\r" + line)
+        elif done == total:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+@app.command(
+    epilog="Example: acol train --data runs/data --model acol --delta 0.6 --storage runs/train --workers 2"
+)
+@clear_errors
+def train(
+    data: str = typer.Option(..., help="dataset URI written by `acol prepare`"),
+    storage: str = typer.Option(..., help="where runs, checkpoints and the exported model go"),
+    model: str = typer.Option("acol", help="cam, acol, coatt or acol_coatt"),
+    backbone: str = typer.Option("tiny", help="tiny, vgg16 or resnet50"),
+    delta: float | None = typer.Option(None, help="ACoL erase threshold δ in (0, 1)"),
+    epochs: int | None = typer.Option(None),
+    workers: int = typer.Option(1, help="Ray Train workers (DDP)"),
+    gpus_per_worker: float = typer.Option(0.0),
+    cpus_per_worker: float = typer.Option(0.5),
+    name: str = typer.Option("acol-train", help="run name; the same name + storage resumes"),
+    max_failures: int = typer.Option(1, help="restarts after a worker dies"),
+    config: str | None = typer.Option(None, "--config", help="YAML file of TrainConfig fields"),
+) -> None:
+    """Train on Ray Train (local Ray, or the cluster in RAY_ADDRESS); prints the result as JSON."""
+    from acol_core.config import TrainConfig, load_config_file
+    from acol_core.jobs.train_run import RunOptions, run_training
+
+    values = load_config_file(config) if config else {}
+    values.update({"model": model, "backbone": backbone})
+    if epochs is not None:
+        values["epochs"] = epochs
+    if delta is not None:
+        values["model_options"] = {**values.get("model_options", {}), "delta": delta}
+    cfg = TrainConfig.from_dict(values)
+    options = RunOptions(
+        data=data, storage=storage, name=name, workers=workers, gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker, max_failures=max_failures,
+    )
+    result = run_training(cfg, options)
+    typer.echo(json.dumps({
+        "run": result.run_uri, "checkpoint": result.checkpoint_uri, "model": result.model_uri,
+        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+    }, indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

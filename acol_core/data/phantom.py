@@ -1,0 +1,614 @@
+"""The built-in MRI phantom: simulated axial T1 post-contrast head slices, with and without a tumour.
+
+It reproduces our users' problem: every slice of both classes shows a bright scalp and a skull ring, so a
+classifier trained on image-level labels can score well while its class map fires on the skull. The
+ground-truth ``tumour_mask`` and ``anatomy_mask`` (scalp + skull) let the metrics measure exactly that.
+
+Geometry is drawn in normalised image coordinates (the image spans [-1, 1] on both axes), so one
+``SubjectParams`` renders at any size. A subject is a 3-D head: the slice level z in [0, 1] (lower to upper)
+shrinks the cross-section and sets the ventricle size; a tumour subject carries one 3-D lesion (an
+ellipsoid with an irregular, twisting cross-section) over a contiguous range of its slices.
+
+Examples:
+    >>> cfg = PhantomConfig(num_subjects=2, slices_per_subject=4, size=64)
+    >>> slices = list(generate_phantom(cfg))
+    >>> len(slices), slices[0].image.shape, slices[0].subject_id
+    (8, (64, 64), 'sub-0000')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = [
+    "PHANTOM_CLASSES",
+    "LesionParams",
+    "PhantomConfig",
+    "PhantomSlice",
+    "SubjectParams",
+    "TissueIntensities",
+    "generate_phantom",
+    "render_slice",
+    "sample_subject",
+    "scaled_min_tumour_pixels",
+]
+
+PHANTOM_CLASSES: tuple[str, str] = ("healthy", "tumour")
+
+Harmonic = tuple[float, float, float]  # (order, relative amplitude, phase) of a radius perturbation
+Wave = tuple[float, float, float, float]  # (k_u, k_v, k_z, phase) of one plane wave of a smooth field
+
+_GOLDEN = 0.6180339887498949
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """What to generate; the defaults give about half tumour slices.
+
+    ``min_tumour_pixels`` is given at size 128 and scales with ``(size / 128) ** 2``: a slice is "tumour"
+    iff its lesion covers at least that many pixels, and a smaller lesion section is not drawn at all.
+    """
+
+    num_subjects: int = 40
+    slices_per_subject: int = 16
+    size: int = 128
+    tumour_subject_fraction: float = 0.75
+    min_tumour_pixels: int = 30
+    noise: float = 0.03
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_subjects < 0:
+            raise ValueError(f"num_subjects must be >= 0, got {self.num_subjects}")
+        if self.slices_per_subject < 1:
+            raise ValueError(f"slices_per_subject must be >= 1, got {self.slices_per_subject}")
+        if self.size < 32:
+            raise ValueError(f"size must be >= 32, got {self.size}")
+        if not 0.0 <= self.tumour_subject_fraction <= 1.0:
+            raise ValueError(f"tumour_subject_fraction must be in [0, 1], got {self.tumour_subject_fraction}")
+        if self.min_tumour_pixels < 1:
+            raise ValueError(f"min_tumour_pixels must be >= 1, got {self.min_tumour_pixels}")
+        if self.noise < 0:
+            raise ValueError(f"noise must be >= 0, got {self.noise}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class TissueIntensities:
+    """Mean T1 post-contrast intensities in [0, 1] before bias field and noise."""
+
+    scalp: float
+    bone: float
+    marrow: float
+    csf: float
+    grey: float
+    white: float
+
+
+@dataclass(frozen=True)
+class LesionParams:
+    """One 3-D lesion in the head frame; lengths in normalised image units, z in slice-level units."""
+
+    center: tuple[float, float]  # at z_center
+    drift: tuple[float, float]  # centre shift per unit z: the lesion's axis is tilted
+    z_center: float
+    z_half: float  # half extent along z; the cross-section shrinks as an ellipsoid's
+    radius: float  # outer radius of the enhancing rim at z_center
+    aspect: float
+    angle: float
+    rim_harmonics: tuple[Harmonic, ...]
+    oedema_scale: float  # oedema radius / rim radius
+    oedema_harmonics: tuple[Harmonic, ...]
+    twist: float  # harmonic phase change per unit z, so neighbouring sections differ
+    rim_thickness: float
+    rim_contrast: float  # rim = white * (1 + contrast); small values give subtle lesions
+    rim_patchiness: float
+    rim_phase: float
+    core: float
+    oedema_drop: float  # relative darkening of the tissue under the oedema
+
+
+@dataclass(frozen=True)
+class SubjectParams:
+    """Everything needed to render any slice of one subject deterministically."""
+
+    index: int
+    subject_id: str
+    noise_seed: int
+    head_axes: tuple[float, float]  # left-right, anterior-posterior semi-axes at the widest level
+    head_angle: float
+    head_center: tuple[float, float]
+    outline_harmonics: tuple[Harmonic, ...]
+    scalp_thickness: float
+    skull_thickness: float
+    csf_thickness: float
+    cortex_thickness: float
+    sulcus_depth: float
+    gyri: int
+    marrow_harmonics: tuple[Harmonic, ...]
+    ventricle_scale: float
+    ventricle_level: float
+    tissue: TissueIntensities
+    texture_waves: tuple[Wave, ...]
+    fold_waves: tuple[Wave, ...]
+    sulcus_waves: tuple[Wave, ...]
+    bias: tuple[float, ...]  # coefficients of x, y, x^2, y^2, xy, z in the log bias field
+    noise_scale: float
+    lesion: LesionParams | None
+
+
+@dataclass(frozen=True)
+class PhantomSlice:
+    """One rendered slice; all arrays are uint8 H×W."""
+
+    image: np.ndarray
+    label: int  # 0 healthy, 1 tumour
+    tumour_mask: np.ndarray  # whole lesion: rim + core + oedema
+    anatomy_mask: np.ndarray  # scalp + skull
+    brain_mask: np.ndarray  # intracranial: inside the skull's inner surface (CSF rim + parenchyma)
+    subject_id: str
+    slice_index: int
+
+
+def scaled_min_tumour_pixels(config: PhantomConfig) -> int:
+    """The lesion area (pixels) from which a slice of ``config.size`` counts as tumour."""
+    return max(1, round(config.min_tumour_pixels * (config.size / 128) ** 2))
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def _harmonics(rng: np.random.Generator, orders: range, scale: float) -> tuple[Harmonic, ...]:
+    return tuple(
+        (float(m), float(scale * rng.uniform(0.3, 1.0) / m), float(rng.uniform(0, 2 * math.pi)))
+        for m in orders
+    )
+
+
+def _waves(rng: np.random.Generator, count: int, k_min: float, k_max: float) -> tuple[Wave, ...]:
+    k = rng.uniform(k_min, k_max, count)
+    phi = rng.uniform(0, 2 * math.pi, count)
+    kz = rng.normal(0.0, 2.0, count)
+    phase = rng.uniform(0, 2 * math.pi, count)
+    return tuple(
+        (float(a * math.cos(p)), float(a * math.sin(p)), float(c), float(q))
+        for a, p, c, q in zip(k, phi, kz, phase, strict=True)
+    )
+
+
+def _has_tumour(config: PhantomConfig, index: int) -> bool:
+    # A Weyl sequence keeps the share of tumour subjects close to the fraction for any count, and subject i's
+    # draw does not depend on how many subjects there are.
+    offset = np.random.default_rng([config.seed, 1, 0]).random()
+    return (offset + index * _GOLDEN) % 1.0 < config.tumour_subject_fraction
+
+
+def _sample_tissue(rng: np.random.Generator) -> TissueIntensities:
+    gain = rng.uniform(0.9, 1.06)
+    return TissueIntensities(
+        scalp=gain * rng.uniform(0.72, 0.88),
+        bone=gain * rng.uniform(0.04, 0.09),
+        marrow=gain * rng.uniform(0.35, 0.6),
+        csf=gain * rng.uniform(0.08, 0.15),
+        grey=gain * rng.uniform(0.4, 0.47),
+        white=gain * rng.uniform(0.58, 0.68),
+    )
+
+
+def _sample_lesion(rng: np.random.Generator, head_axes: tuple[float, float], depth: float) -> LesionParams:
+    z_center = rng.uniform(0.2, 0.8)
+    z_half = rng.uniform(0.28, 0.6)
+    radius = math.exp(rng.uniform(math.log(0.07), math.log(0.2)))
+    aspect = math.exp(rng.uniform(-0.3, 0.3))
+    rim_h = _harmonics(rng, range(2, 6), rng.uniform(0.1, 0.35))
+    oedema_h = _harmonics(rng, range(2, 7), rng.uniform(0.1, 0.45))
+    oedema_scale = rng.uniform(1.15, 1.9)
+    drift = (float(rng.normal(0, 0.08)), float(rng.normal(0, 0.08)))
+
+    # Fit the widest section inside the parenchyma at the lesion's smallest head section.
+    f_min = min(_head_scale(max(0.0, z_center - z_half)), _head_scale(min(1.0, z_center + z_half)))
+    reach = max(aspect, 1 / aspect) * oedema_scale * (1 + sum(h[1] for h in oedema_h))
+    room = np.array(head_axes) * f_min - depth - 0.03 - 0.5 * z_half * math.hypot(*drift)
+    radius = min(radius, 0.5 * float(room.min()) / reach)
+    free = np.maximum(room - radius * reach, 0.0)
+    r, phi = math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
+    center = (float(free[0] * r * math.cos(phi)), float(free[1] * r * math.sin(phi)))
+
+    return LesionParams(
+        center=center,
+        drift=drift,
+        z_center=float(z_center),
+        z_half=float(z_half),
+        radius=float(radius),
+        aspect=float(aspect),
+        angle=float(rng.uniform(0, math.pi)),
+        rim_harmonics=rim_h,
+        oedema_scale=float(oedema_scale),
+        oedema_harmonics=oedema_h,
+        twist=float(rng.normal(0, 3.0)),
+        rim_thickness=float(rng.uniform(0.022, 0.045)),
+        rim_contrast=float(0.05 + 0.5 * rng.random() ** 1.5),
+        rim_patchiness=float(rng.uniform(0.0, 0.35)),
+        rim_phase=float(rng.uniform(0, 2 * math.pi)),
+        core=float(rng.uniform(0.15, 0.32)),
+        oedema_drop=float(rng.uniform(0.08, 0.25)),
+    )
+
+
+def sample_subject(config: PhantomConfig, index: int) -> SubjectParams:
+    """Draw subject ``index``; it depends on the seed, the tumour fraction and ``index`` only."""
+    if index < 0:
+        raise ValueError(f"subject index must be >= 0, got {index}")
+    rng = np.random.default_rng([config.seed, 0, index])
+    a = rng.uniform(0.6, 0.72)
+    head_axes = (float(a), float(min(a * rng.uniform(1.12, 1.3), 0.86)))
+    scalp, skull, csf = rng.uniform(0.03, 0.05), rng.uniform(0.06, 0.09), rng.uniform(0.015, 0.03)
+    tissue = _sample_tissue(rng)
+    has_tumour = _has_tumour(config, index)
+    return SubjectParams(
+        index=index,
+        subject_id=f"sub-{index:04d}",
+        noise_seed=int(rng.integers(2**63)),
+        head_axes=head_axes,
+        head_angle=float(np.clip(rng.normal(0, 0.12), -0.3, 0.3)),
+        head_center=(float(rng.uniform(-0.05, 0.05)), float(rng.uniform(-0.05, 0.05))),
+        outline_harmonics=_harmonics(rng, range(2, 5), 0.02),
+        scalp_thickness=float(scalp),
+        skull_thickness=float(skull),
+        csf_thickness=float(csf),
+        cortex_thickness=float(rng.uniform(0.04, 0.06)),
+        sulcus_depth=float(rng.uniform(0.05, 0.09)),
+        gyri=int(rng.integers(24, 36)),
+        marrow_harmonics=_harmonics(rng, range(1, 5), 1.0),
+        ventricle_scale=float(rng.uniform(0.7, 1.35)),
+        ventricle_level=float(rng.uniform(0.4, 0.55)),
+        tissue=tissue,
+        texture_waves=_waves(rng, 6, 3.0, 9.0),
+        fold_waves=_waves(rng, 5, 4.0, 10.0),
+        sulcus_waves=_waves(rng, 4, 4.0, 9.0),
+        bias=tuple(float(c) for c in rng.normal(0, 0.1, 6)),
+        noise_scale=float(rng.uniform(0.75, 1.25)),
+        lesion=_sample_lesion(rng, head_axes, scalp + skull + csf) if has_tumour else None,
+    )
+
+
+# ---------------------------------------------------------------- geometry helpers
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The head frame of one subject on one image grid: u left-right, v anterior-posterior (anterior < 0)."""
+
+    coords: np.ndarray  # 1-D pixel-centre coordinates, shared by x (columns) and y (rows)
+    cos_a: float
+    sin_a: float
+    center: tuple[float, float]
+    u: np.ndarray
+    v: np.ndarray
+
+
+@lru_cache(maxsize=8)
+def _coords(size: int) -> np.ndarray:
+    c = ((np.arange(size) + 0.5) * (2.0 / size) - 1.0).astype(np.float32)
+    c.setflags(write=False)
+    return c
+
+
+def _frame(sp: SubjectParams, size: int) -> _Frame:
+    c = _coords(size)
+    cos_a, sin_a = math.cos(sp.head_angle), math.sin(sp.head_angle)
+    dx, dy = c[None, :] - sp.head_center[0], c[:, None] - sp.head_center[1]
+    u, v = cos_a * dx + sin_a * dy, -sin_a * dx + cos_a * dy
+    return _Frame(c, cos_a, sin_a, sp.head_center, u, v)
+
+
+def _slice_level(slice_index: int, slices: int) -> float:
+    return slice_index / (slices - 1) if slices > 1 else 0.5
+
+
+def _head_scale(z: float) -> float:
+    """Cross-section scale of the head at level z: widest a little below the middle of the stack."""
+    return math.sqrt(1.0 - ((z - 0.3) / 1.05) ** 2)
+
+
+def _harmonic_sum(
+    cos_t: np.ndarray, sin_t: np.ndarray, harmonics: tuple[Harmonic, ...], twist: float = 0.0
+) -> np.ndarray | float:
+    """Sum of amp * cos(m t + phase + twist) from cos t and sin t, by the angle-addition recurrence."""
+    if not harmonics:
+        return 0.0
+    total: np.ndarray | float = 0.0
+    cm, sm = cos_t, sin_t
+    for m in range(1, int(max(h[0] for h in harmonics)) + 1):
+        if m > 1:
+            cm, sm = cm * cos_t - sm * sin_t, sm * cos_t + cm * sin_t
+        for order, amp, phase in harmonics:
+            if int(order) == m:
+                total = total + amp * (cm * math.cos(phase + twist) - sm * math.sin(phase + twist))
+    return total
+
+
+def _signed_distance(
+    u: np.ndarray,
+    v: np.ndarray,
+    center: tuple[float, float],
+    axes: tuple[float, float],
+    angle: float = 0.0,
+    harmonics: tuple[Harmonic, ...] = (),
+    twist: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Radial signed distance to a rotated ellipse perturbed by radial harmonics (negative inside).
+
+    Also returns cos and sin of each pixel's direction from the centre, relative to the ellipse's axis.
+    """
+    du, dv = u - center[0], v - center[1]
+    r = np.hypot(du, dv)
+    ca, sa = math.cos(angle), math.sin(angle)
+    # The centre pixel gets an arbitrary direction, so its distance is -radius rather than 0/0.
+    safe = np.where(r > 0, r, 1.0)
+    cos_t = np.where(r > 0, (ca * du + sa * dv) / safe, 1.0)
+    sin_t = (ca * dv - sa * du) / safe
+    rad = 1.0 / np.sqrt((cos_t / axes[0]) ** 2 + (sin_t / axes[1]) ** 2)
+    if harmonics:
+        rad = rad * (1.0 + _harmonic_sum(cos_t, sin_t, harmonics, twist))
+    return r - rad, cos_t, sin_t
+
+
+def _inside(sd: np.ndarray, pw: float) -> np.ndarray:
+    """Partial-volume weight of a region given its signed distance, over one pixel width."""
+    return np.clip(0.5 - sd / pw, 0.0, 1.0)
+
+
+def _blend(img: np.ndarray, value: np.ndarray | float, alpha: np.ndarray) -> np.ndarray:
+    return img + alpha * (value - img)
+
+
+def _field(waves: tuple[Wave, ...], frame: _Frame, z: float, scale: float = 1.0) -> np.ndarray:
+    """Smooth zero-mean, unit-variance 3-D random field (sum of plane waves in u, v/scale, z) on one slice.
+
+    A plane wave separates into a column factor times a row factor, so the whole field is one small
+    complex matrix product instead of one cosine per wave and pixel.
+    """
+    w = np.asarray(waves, dtype=np.float64)
+    ku, kv = w[:, 0] / scale, w[:, 1] / scale
+    alpha = ku * frame.cos_a - kv * frame.sin_a  # phase per unit x
+    beta = ku * frame.sin_a + kv * frame.cos_a  # phase per unit y
+    gamma = w[:, 2] * z + w[:, 3] - alpha * frame.center[0] - beta * frame.center[1]
+    c = frame.coords.astype(np.float64)
+    rows = np.exp(1j * beta[:, None] * c[None, :])  # (waves, H)
+    cols = np.exp(1j * (alpha[:, None] * c[None, :] + gamma[:, None]))  # (waves, W)
+    return ((rows.T @ cols).real * math.sqrt(2.0 / len(waves))).astype(np.float32)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    image: np.ndarray
+    anatomy: np.ndarray
+    brain: np.ndarray
+    parenchyma: np.ndarray
+    texture: np.ndarray
+
+
+def _skull(
+    sp: SubjectParams, d: np.ndarray, cos_t: np.ndarray, sin_t: np.ndarray, scalp: float, skull: float
+) -> np.ndarray:
+    """Dark inner and outer tables with marrow (diploe) between them, thicker in some directions."""
+    across = (-d - scalp) / skull
+    diploe = np.clip((0.38 - np.abs(across - 0.5)) / 0.15, 0.0, 1.0)
+    amount = np.clip(0.6 + 0.5 * _harmonic_sum(cos_t, sin_t, sp.marrow_harmonics), 0.0, 1.0)
+    t = sp.tissue
+    return t.bone + (t.marrow - t.bone) * diploe * amount
+
+
+def _cortex(
+    sp: SubjectParams,
+    img: np.ndarray,
+    frame: _Frame,
+    z: float,
+    depth: np.ndarray,
+    cos_t: np.ndarray,
+    sin_t: np.ndarray,
+    texture: np.ndarray,
+    pw: float,
+) -> np.ndarray:
+    """Grey-matter ribbon folded into gyri: narrow CSF sulci of varying depth, white matter fingers."""
+    t = sp.tissue
+    theta = np.arctan2(sin_t, cos_t)
+    c = np.cos(sp.gyri * theta + 3.0 * _field(sp.fold_waves, frame, z))
+    deep = sp.sulcus_depth * (0.65 + 0.35 * np.tanh(_field(sp.sulcus_waves, frame, z)))
+    positive = np.maximum(c, 0.0)
+    sulcus = deep * positive**4
+    white_top = sp.cortex_thickness + deep * positive
+    img = _blend(img, t.grey * (1 + 0.05 * texture), _inside(sulcus - depth, pw))
+    return _blend(img, t.white * (1 + 0.04 * texture), _inside(white_top - depth, pw))
+
+
+def _deep_structures(
+    sp: SubjectParams,
+    img: np.ndarray,
+    frame: _Frame,
+    z: float,
+    f: float,
+    depth: np.ndarray,
+    texture: np.ndarray,
+    pw: float,
+) -> np.ndarray:
+    """Midline fissure, deep grey nuclei and ventricles, in a frame that shrinks with the head section."""
+    t = sp.tissue
+    u, v = frame.u, frame.v
+    # The fissure reaches the ventricles' roof in mid slices and cuts right through above them.
+    reach = f * (0.3 + 0.6 * min(1.0, max(0.0, z - sp.ventricle_level - 0.15) / 0.2))
+    fissure = _inside(np.abs(u) - 0.006 - 0.5 * pw, pw) * _inside(depth - reach, pw) * _inside(-depth, pw)
+    img = _blend(img, t.csf, fissure)
+
+    us, vs = u / f, v / f
+    nuclei = max(0.0, 1.0 - ((z - sp.ventricle_level + 0.12) / 0.22) ** 2)
+    if nuclei > 0:
+        for side in (-1.0, 1.0):
+            sd, _, _ = _signed_distance(us, vs, (side * 0.17, 0.0), (0.07, 0.12), side * 0.3)
+            img = _blend(img, t.grey * (1 + 0.05 * texture), 0.6 * nuclei * _inside(sd * f, pw))
+
+    size = sp.ventricle_scale * math.sqrt(max(0.0, 1.0 - ((z - sp.ventricle_level) / 0.3) ** 2))
+    if size > 0.1:
+        # Frontal horns diverge forwards and the atria backwards: the butterfly of an axial cut.
+        spread = 0.6 + 0.4 * size
+        for side in (-1.0, 1.0):
+            horns = (
+                ((side * 0.08 * spread, -0.09), (0.17, 0.06), -math.pi / 2 + side * 0.3),
+                ((side * 0.1 * spread, 0.11), (0.13, 0.045), math.pi / 2 - side * 0.35),
+            )
+            for center, (major, minor), angle in horns:
+                sd, _, _ = _signed_distance(us, vs, center, (major * size, minor * size), angle)
+                img = _blend(img, t.csf, _inside(sd * f, pw))
+    third = max(0.0, 1.0 - ((z - sp.ventricle_level + 0.2) / 0.15) ** 2)
+    if third > 0:
+        sd, _, _ = _signed_distance(us, vs, (0.0, 0.03), (0.012 + 0.5 * pw, 0.07 * sp.ventricle_scale))
+        img = _blend(img, t.csf, third * _inside(sd * f, pw))
+    return img
+
+
+def _render_anatomy(sp: SubjectParams, frame: _Frame, z: float, pw: float) -> _Anatomy:
+    f = _head_scale(z)
+    axes = (sp.head_axes[0] * f, sp.head_axes[1] * f)
+    d, cos_t, sin_t = _signed_distance(frame.u, frame.v, (0.0, 0.0), axes, 0.0, sp.outline_harmonics)
+    # At small sizes the layers stay at least about a pixel thick so that the skull is always visible.
+    scalp = max(sp.scalp_thickness, pw)
+    skull = max(sp.skull_thickness, 1.5 * pw)
+    inner = scalp + skull
+    surface = inner + max(sp.csf_thickness, 0.5 * pw)
+    depth = -(d + surface)  # below the brain surface
+    texture = _field(sp.texture_waves, frame, z)
+    t = sp.tissue
+
+    img = _blend(np.zeros_like(d), t.scalp * (1 + 0.05 * texture), _inside(d, pw))
+    img = _blend(img, _skull(sp, d, cos_t, sin_t, scalp, skull), _inside(d + scalp, pw))
+    img = _blend(img, t.csf, _inside(d + inner, pw))
+    img = _cortex(sp, img, frame, z, depth, cos_t, sin_t, texture, pw)
+    img = _deep_structures(sp, img, frame, z, f, depth, texture, pw)
+    return _Anatomy(
+        image=img,
+        anatomy=(d < 0) & (d >= -inner),
+        brain=d < -inner,
+        parenchyma=depth > 0,
+        texture=texture,
+    )
+
+
+@dataclass(frozen=True)
+class _Lesion:
+    mask: np.ndarray
+    oedema: np.ndarray
+    rim: np.ndarray
+    core: np.ndarray
+    cos_t: np.ndarray
+    sin_t: np.ndarray
+
+
+def _lesion_layers(
+    les: LesionParams, frame: _Frame, z: float, parenchyma: np.ndarray, pw: float
+) -> _Lesion | None:
+    """Soft weights of the lesion's layers on one slice; every weight is exactly 0 outside ``mask``."""
+    s2 = 1.0 - ((z - les.z_center) / les.z_half) ** 2
+    if s2 <= 0:
+        return None
+    dz = z - les.z_center
+    center = (les.center[0] + les.drift[0] * dz, les.center[1] + les.drift[1] * dz)
+    r = les.radius * math.sqrt(s2)
+    axes = (r * les.aspect, r / les.aspect)
+    twist = les.twist * dz
+    u, v = frame.u, frame.v
+    rim_sd, cos_t, sin_t = _signed_distance(u, v, center, axes, les.angle, les.rim_harmonics, twist)
+    oed_axes = (axes[0] * les.oedema_scale, axes[1] * les.oedema_scale)
+    oed_sd, _, _ = _signed_distance(u, v, center, oed_axes, les.angle, les.oedema_harmonics, -twist)
+    inside = parenchyma.astype(np.float32)
+    # Ramps run inwards from each boundary so that nothing leaks past the mask.
+    return _Lesion(
+        mask=((rim_sd < 0) | (oed_sd < 0)) & parenchyma,
+        oedema=np.clip(-oed_sd / pw, 0.0, 1.0) * inside,
+        rim=np.clip(-rim_sd / pw, 0.0, 1.0) * inside,
+        core=np.clip(-(rim_sd + les.rim_thickness) / pw, 0.0, 1.0) * inside,
+        cos_t=cos_t,
+        sin_t=sin_t,
+    )
+
+
+def _paint_lesion(
+    img: np.ndarray, les: LesionParams, layers: _Lesion, white: float, texture: np.ndarray
+) -> np.ndarray:
+    img = img * (1.0 - les.oedema_drop * layers.oedema)
+    patches = 1.0 - les.rim_patchiness * (
+        0.5 + 0.5 * _harmonic_sum(layers.cos_t, layers.sin_t, ((2.0, 1.0, les.rim_phase),))
+    )
+    img = _blend(img, white * (1 + les.rim_contrast) * patches * (1 + 0.03 * texture), layers.rim)
+    return _blend(img, les.core * (1 + 0.08 * texture), layers.core)
+
+
+def _acquire(
+    img: np.ndarray, sp: SubjectParams, slice_index: int, z: float, coords: np.ndarray, noise: float
+) -> np.ndarray:
+    """Multiplicative bias field, Rician noise and 8-bit quantisation; pointwise, so a lesion stays local."""
+    c = sp.bias
+    x, y = coords[None, :], coords[:, None]
+    log_bias = (c[0] * x + c[2] * x * x) + (c[1] * y + c[3] * y * y) + c[4] * x * y + c[5] * (z - 0.5)
+    img = img * np.exp(log_bias)
+    sigma = noise * sp.noise_scale
+    if sigma > 0:
+        # Seeded per (subject, slice) only, so the draw is the same with and without the lesion.
+        rng = np.random.default_rng([sp.noise_seed, slice_index])
+        n = rng.standard_normal((2, *img.shape), dtype=np.float32)
+        img = np.hypot(img + sigma * n[0], sigma * n[1])
+    return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def render_slice(
+    subject: SubjectParams, slice_index: int, config: PhantomConfig, with_tumour: bool = True
+) -> PhantomSlice:
+    """Render one slice at ``config.size``; ``with_tumour=False`` gives the same slice without its lesion.
+
+    Examples:
+        >>> cfg = PhantomConfig(num_subjects=1, size=64)
+        >>> s = render_slice(sample_subject(cfg, 0), 3, cfg)
+        >>> s.image.dtype, bool(s.anatomy_mask.any())
+        (dtype('uint8'), True)
+    """
+    if not 0 <= slice_index < config.slices_per_subject:
+        raise ValueError(f"slice_index must be in [0, {config.slices_per_subject}), got {slice_index}")
+    frame = _frame(subject, config.size)
+    pw = 2.0 / config.size
+    z = _slice_level(slice_index, config.slices_per_subject)
+
+    anatomy = _render_anatomy(subject, frame, z, pw)
+    img = anatomy.image
+    tumour = np.zeros(img.shape, dtype=bool)
+    if with_tumour and subject.lesion is not None:
+        layers = _lesion_layers(subject.lesion, frame, z, anatomy.parenchyma, pw)
+        if layers is not None and layers.mask.sum() >= scaled_min_tumour_pixels(config):
+            img = _paint_lesion(img, subject.lesion, layers, subject.tissue.white, anatomy.texture)
+            tumour = layers.mask
+    return PhantomSlice(
+        image=_acquire(img, subject, slice_index, z, frame.coords, config.noise),
+        label=int(tumour.any()),
+        tumour_mask=tumour.astype(np.uint8),
+        anatomy_mask=anatomy.anatomy.astype(np.uint8),
+        brain_mask=anatomy.brain.astype(np.uint8),
+        subject_id=subject.subject_id,
+        slice_index=slice_index,
+    )
+
+
+def generate_phantom(config: PhantomConfig = PhantomConfig()) -> Iterator[PhantomSlice]:  # noqa: B008
+    """Yield every slice: subjects in order, slices in order within a subject."""
+    for index in range(config.num_subjects):
+        subject = sample_subject(config, index)
+        for slice_index in range(config.slices_per_subject):
+            yield render_slice(subject, slice_index, config)

@@ -1,0 +1,119 @@
+"""Decoding and augmentation: Parquet rows (PNG bytes) -> fixed-size float batches.
+
+The same functions run inside Ray Data's ``map_batches`` (cluster) and in a plain loop (tests, demo),
+so a batch is a dict of numpy arrays, never torch tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from acol_core.data.codec import decode_png
+
+__all__ = ["IGNORE", "augment_batch", "decode_rows", "prepare_image", "standardize", "table_to_arrays"]
+
+IGNORE = 255
+
+
+def _resize(arr: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Resize C×H×W (float) or H×W (uint8 mask, nearest) to size×size."""
+    if arr.shape[-2:] == (size, size):
+        return arr
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    squeeze = t.ndim == 2
+    t = t[None, None] if squeeze else t[None]
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    out = F.interpolate(t, size=(size, size), mode=mode, **kwargs)[0]
+    out = out[0] if squeeze else out
+    return out.numpy().astype(arr.dtype if mode == "nearest" else np.float32)
+
+
+def prepare_image(image: np.ndarray, in_channels: int, size: int) -> np.ndarray:
+    """uint8/uint16 H×W[×C] -> float32 C×size×size in [0, 1] with the model's channel count."""
+    scale = 65535.0 if image.dtype == np.uint16 else 255.0
+    x = image.astype(np.float32) / scale
+    x = x[None] if x.ndim == 2 else np.moveaxis(x, -1, 0)
+    if x.shape[0] == 4:  # RGBA: drop alpha
+        x = x[:3]
+    if x.shape[0] != in_channels:
+        if in_channels == 1:
+            x = x.mean(axis=0, keepdims=True)
+        elif x.shape[0] == 1:
+            x = np.repeat(x, in_channels, axis=0)
+        else:
+            raise ValueError(f"image has {x.shape[0]} channels, model expects {in_channels}")
+    return _resize(x, size, "bilinear")
+
+
+def standardize(images: np.ndarray) -> np.ndarray:
+    """Per-image, per-channel z-score: MRI intensities have no common scale across scanners."""
+    mean = images.mean(axis=(-2, -1), keepdims=True)
+    std = images.std(axis=(-2, -1), keepdims=True)
+    return ((images - mean) / np.maximum(std, 1e-6)).astype(np.float32)
+
+
+def _mask_or_ignore(data: Any, size: int) -> np.ndarray:
+    if data is None or (isinstance(data, float) and np.isnan(data)):
+        return np.full((size, size), IGNORE, dtype=np.uint8)
+    mask = decode_png(bytes(data))
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    return _resize(mask.astype(np.uint8), size, "nearest")
+
+
+def decode_rows(
+    rows: Mapping[str, Sequence[Any]], in_channels: int, size: int, with_masks: bool = True
+) -> dict[str, np.ndarray]:
+    """Decode a batch of dataset rows.
+
+    Returns ``image`` N×C×S×S float32 (standardised), ``label`` int64, and with ``with_masks``
+    ``mask`` / ``anatomy_mask`` N×S×S uint8 (255 where a row has none), ``fullsup`` bool.
+    """
+    images = [prepare_image(decode_png(bytes(b)), in_channels, size) for b in rows["image"]]
+    out: dict[str, np.ndarray] = {
+        "image": standardize(np.stack(images)) if images else np.zeros((0, in_channels, size, size), np.float32),
+        "label": np.asarray(rows["label"], dtype=np.int64),
+    }
+    if with_masks:
+        n = len(images)
+        out["mask"] = np.stack([_mask_or_ignore(m, size) for m in rows.get("mask", [None] * n)]).reshape(
+            n, size, size
+        )
+        anatomy = rows.get("anatomy_mask", [None] * n)
+        out["anatomy_mask"] = np.stack([_mask_or_ignore(m, size) for m in anatomy]).reshape(n, size, size)
+        out["fullsup"] = np.asarray(rows.get("fullsup", [False] * n), dtype=bool)
+    return out
+
+
+def augment_batch(batch: dict[str, np.ndarray], rng: np.random.Generator, max_shift: float = 0.08) -> dict:
+    """Random horizontal flip and small translation, applied alike to images and masks."""
+    out = dict(batch)
+    images = batch["image"].copy()
+    masks = {k: batch[k].copy() for k in ("mask", "anatomy_mask") if k in batch}
+    n, _, h, w = images.shape
+    for i in range(n):
+        if rng.random() < 0.5:
+            images[i] = images[i, :, :, ::-1]
+            for m in masks.values():
+                m[i] = m[i, :, ::-1]
+        dy, dx = (int(v) for v in rng.integers(-int(max_shift * h), int(max_shift * h) + 1, size=2))
+        if dy or dx:
+            images[i] = np.roll(images[i], (dy, dx), axis=(-2, -1))
+            for m in masks.values():
+                m[i] = np.roll(m[i], (dy, dx), axis=(-2, -1))
+    out["image"] = images
+    out.update(masks)
+    return out
+
+
+def table_to_arrays(table: Any, in_channels: int, size: int, with_masks: bool = True) -> dict[str, np.ndarray]:
+    """Decode a whole (small) pyarrow table in memory; the plain-process path of tests and the demo."""
+    columns = [c for c in ("image", "label", "mask", "anatomy_mask", "fullsup") if c in table.column_names]
+    arrays = decode_rows(table.select(columns).to_pydict(), in_channels, size, with_masks=with_masks)
+    arrays["image_id"] = np.asarray(table.column("image_id").to_pylist(), dtype=object)
+    return arrays

@@ -1,0 +1,152 @@
+"""The plain-process train loop, config, checkpoints and the exported model file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from acol_core.config import ConfigError, TrainConfig
+from acol_core.export import ExportError, export_bytes, load_exported, read_export_info
+from acol_core.train import (
+    checkpoint_bytes,
+    fit,
+    iterate_minibatches,
+    load_checkpoint_bytes,
+    localization_metrics,
+    predict,
+)
+
+
+def _toy_arrays(n: int = 48, size: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
+    """Class 1 images hold a bright square (the object); class 0 images are noise only."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(0, 0.3, size=(n, 1, size, size)).astype(np.float32)
+    labels = np.arange(n) % 2
+    masks = np.zeros((n, size, size), np.uint8)
+    for i in np.flatnonzero(labels):
+        y, x = rng.integers(2, size - 12, size=2)
+        images[i, 0, y : y + 10, x : x + 10] += 2.0
+        masks[i, y : y + 10, x : x + 10] = 1
+    return {
+        "image": images, "label": labels.astype(np.int64), "mask": masks,
+        "anatomy_mask": np.zeros_like(masks), "fullsup": np.ones(n, bool),
+    }
+
+
+def _config(**kw) -> TrainConfig:
+    base = {"model": "acol", "epochs": 3, "batch_size": 16, "lr": 0.02, "image_size": 32, "augment": False}
+    return TrainConfig.from_dict({**base, **kw})
+
+
+def _fit(config: TrainConfig, data: dict, **kw):
+    return fit(
+        config,
+        train_batches=lambda e: iterate_minibatches(data, config.batch_size, np.random.default_rng([0, e]), False),
+        val_batches=lambda: iterate_minibatches(data, 32, None, False),
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"lr": -1.0}, "lr"),
+        ({"model_options": {"delta": 1.5}}, "delta"),
+        ({"bogus": 1}, "unknown config keys: bogus"),
+        ({"amp": "fp8"}, "amp"),
+    ],
+)
+def test_config_rejects_bad_values(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(values)
+
+
+def test_config_round_trips_through_plain_dict():
+    cfg = _config(model_options={"delta": 0.7})
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("model", ["cam", "acol"])
+def test_fit_learns_toy_task_and_reports_metrics(model):
+    data = _toy_arrays()
+    result = _fit(_config(model=model, epochs=6), data)
+    last = result.history[-1]
+    assert len(result.history) == 6
+    assert result.history[0]["train_loss"] > last["train_loss"]
+    assert last["val_accuracy"] >= 0.9
+    for key in ("val_pxap", "val_max_box_acc_v2", "val_off_target"):
+        assert 0.0 <= last[key] <= 1.0
+    # the object is a bright square: the class map should find it far better than chance (share of pixels)
+    assert last["val_pxap"] > 0.5
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run():
+    data = _toy_arrays()
+    cfg = _config(epochs=4)
+    full = _fit(cfg, data)
+    saved: dict = {}
+
+    def keep(epoch, metrics, state):
+        if epoch == 1:
+            saved["blob"] = checkpoint_bytes(state())
+
+    _fit(cfg.replace(epochs=4), data, hooks=[keep])
+    resumed = _fit(cfg, data, resume=load_checkpoint_bytes(saved["blob"]))
+    assert [h["epoch"] for h in resumed.history] == [2.0, 3.0]
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_refuses_pickled_objects():
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    blob = pickle.dumps({"model": Evil()})
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint_bytes(blob)
+
+
+def test_predict_uses_given_label_or_prediction():
+    data = _toy_arrays(n=8)
+    model = _fit(_config(epochs=1), data).model
+    with_labels = predict(model, iterate_minibatches(data, 8, None, False), torch.device("cpu"))
+    without = predict(model, iterate_minibatches(data, 8, None, False), torch.device("cpu"), use_labels=False)
+    assert with_labels["cam"].shape == (8, 32, 32)
+    assert with_labels["cam"].min() >= 0 and with_labels["cam"].max() <= 1
+    same = with_labels["pred"] == data["label"]
+    np.testing.assert_allclose(with_labels["cam"][same], without["cam"][same], atol=1e-6)
+
+
+def test_localization_metrics_skip_rows_without_object():
+    data = _toy_arrays(n=8)
+    pred = {"pred": data["label"], "label": data["label"], "mask": data["mask"], "cam": data["mask"].astype(float)}
+    metrics = localization_metrics(pred)
+    assert metrics["localized_rows"] == 4
+    assert metrics["pxap"] == pytest.approx(1.0)
+    assert metrics["accuracy"] == 1.0
+
+
+def test_export_round_trip_and_bad_files(tmp_path):
+    data = _toy_arrays(n=8)
+    cfg = _config(epochs=1)
+    model = _fit(cfg, data).model
+    blob = export_bytes(model, cfg, ["healthy", "tumour"])
+    loaded, info = load_exported(blob)
+    assert info.class_names == ["healthy", "tumour"] and info.config == cfg
+    x = torch.as_tensor(data["image"])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["logits"], model(x)["logits"])
+    with pytest.raises(ExportError, match="class names"):
+        export_bytes(model, cfg, ["only-one"])
+    with pytest.raises(ExportError):
+        read_export_info(blob[:40])  # header cut short
+    with pytest.raises(ExportError):
+        load_exported(b"\x00" * 64)
+    with pytest.raises(ExportError, match="damaged|truncated"):
+        load_exported(blob[:-100])
