@@ -22,6 +22,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from acol_core.config import TrainConfig
+from acol_core.data.transforms import NORMALIZATION
 
 __all__ = ["EXPORT_FORMAT", "ExportError", "ExportedInfo", "export_bytes", "export_model", "load_exported", "read_export_info"]
 
@@ -54,7 +55,7 @@ def export_bytes(model: nn.Module, config: TrainConfig, class_names: list[str], 
         "class_names": list(class_names),
         "input_size": config.image_size,
         "in_channels": config.in_channels,
-        "normalization": "per-image z-score after scaling to [0, 1]",
+        "normalization": NORMALIZATION,
         "extra": extra,
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}

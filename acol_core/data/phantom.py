@@ -205,18 +205,20 @@ def _sample_tissue(rng: np.random.Generator) -> TissueIntensities:
 def _sample_lesion(rng: np.random.Generator, head_axes: tuple[float, float], depth: float) -> LesionParams:
     z_center = rng.uniform(0.2, 0.8)
     z_half = rng.uniform(0.28, 0.6)
-    radius = math.exp(rng.uniform(math.log(0.07), math.log(0.2)))
+    radius = math.exp(rng.uniform(math.log(0.1), math.log(0.26)))
     aspect = math.exp(rng.uniform(-0.3, 0.3))
     rim_h = _harmonics(rng, range(2, 6), rng.uniform(0.1, 0.35))
     oedema_h = _harmonics(rng, range(2, 7), rng.uniform(0.1, 0.45))
     oedema_scale = rng.uniform(1.15, 1.9)
     drift = (float(rng.normal(0, 0.08)), float(rng.normal(0, 0.08)))
 
-    # Fit the widest section inside the parenchyma at the lesion's smallest head section.
-    f_min = min(_head_scale(max(0.0, z_center - z_half)), _head_scale(min(1.0, z_center + z_half)))
-    reach = max(aspect, 1 / aspect) * oedema_scale * (1 + sum(h[1] for h in oedema_h))
-    room = np.array(head_axes) * f_min - depth - 0.03 - 0.5 * z_half * math.hypot(*drift)
-    radius = min(radius, 0.5 * float(room.min()) / reach)
+    # Fit the rim and half the oedema inside the parenchyma at the lesion's widest section; the cortex
+    # surface may cut off the rest of the oedema, as it does in real brains, and the shrinking sections
+    # of the upper slices may cut off a lesion's ends.
+    f_mid = _head_scale(z_center)
+    reach = max(aspect, 1 / aspect) * (1 + 0.5 * (oedema_scale - 1)) * (1 + sum(h[1] for h in rim_h))
+    room = np.array(head_axes) * f_mid - depth - 0.03 - 0.5 * z_half * math.hypot(*drift)
+    radius = min(radius, 0.8 * float(room.min()) / reach)
     free = np.maximum(room - radius * reach, 0.0)
     r, phi = math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
     center = (float(free[0] * r * math.cos(phi)), float(free[1] * r * math.sin(phi)))
@@ -234,7 +236,7 @@ def _sample_lesion(rng: np.random.Generator, head_axes: tuple[float, float], dep
         oedema_harmonics=oedema_h,
         twist=float(rng.normal(0, 3.0)),
         rim_thickness=float(rng.uniform(0.022, 0.045)),
-        rim_contrast=float(0.05 + 0.5 * rng.random() ** 1.5),
+        rim_contrast=float(0.2 + 0.5 * rng.random() ** 1.3),
         rim_patchiness=float(rng.uniform(0.0, 0.35)),
         rim_phase=float(rng.uniform(0, 2 * math.pi)),
         core=float(rng.uniform(0.15, 0.32)),
@@ -370,21 +372,24 @@ def _blend(img: np.ndarray, value: np.ndarray | float, alpha: np.ndarray) -> np.
     return img + alpha * (value - img)
 
 
-def _field(waves: tuple[Wave, ...], frame: _Frame, z: float, scale: float = 1.0) -> np.ndarray:
-    """Smooth zero-mean, unit-variance 3-D random field (sum of plane waves in u, v/scale, z) on one slice.
+def _field(waves: tuple[Wave, ...], frame: _Frame, z: float) -> np.ndarray:
+    """Smooth zero-mean, unit-variance 3-D random field (sum of plane waves in u, v, z) on one slice.
 
-    A plane wave separates into a column factor times a row factor, so the whole field is one small
-    complex matrix product instead of one cosine per wave and pixel.
+    A plane wave separates into row and column factors (cos(a + b) = cos a cos b - sin a sin b), so the
+    field costs a few outer products instead of one cosine per wave and pixel. einsum rather than a matrix
+    product keeps BLAS threads out of it; they thrash when data loaders run in parallel.
     """
     w = np.asarray(waves, dtype=np.float64)
-    ku, kv = w[:, 0] / scale, w[:, 1] / scale
+    ku, kv = w[:, 0], w[:, 1]
     alpha = ku * frame.cos_a - kv * frame.sin_a  # phase per unit x
     beta = ku * frame.sin_a + kv * frame.cos_a  # phase per unit y
     gamma = w[:, 2] * z + w[:, 3] - alpha * frame.center[0] - beta * frame.center[1]
     c = frame.coords.astype(np.float64)
-    rows = np.exp(1j * beta[:, None] * c[None, :])  # (waves, H)
-    cols = np.exp(1j * (alpha[:, None] * c[None, :] + gamma[:, None]))  # (waves, W)
-    return ((rows.T @ cols).real * math.sqrt(2.0 / len(waves))).astype(np.float32)
+    row_phase = beta[:, None] * c[None, :]  # (waves, H)
+    col_phase = alpha[:, None] * c[None, :] + gamma[:, None]  # (waves, W)
+    rows = np.concatenate([np.cos(row_phase), -np.sin(row_phase)]).astype(np.float32)
+    cols = np.concatenate([np.cos(col_phase), np.sin(col_phase)]).astype(np.float32)
+    return np.einsum("nh,nw->hw", rows, cols) * np.float32(math.sqrt(2.0 / len(waves)))
 
 
 # ---------------------------------------------------------------- rendering

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from acol_core.data.codec import decode_png
 
-__all__ = ["IGNORE", "augment_batch", "decode_rows", "prepare_image", "standardize", "table_to_arrays"]
+__all__ = ["IGNORE", "NORMALIZATION", "augment_batch", "decode_rows", "prepare_image", "standardize", "table_to_arrays"]
 
 IGNORE = 255
 
@@ -50,11 +50,17 @@ def prepare_image(image: np.ndarray, in_channels: int, size: int) -> np.ndarray:
     return _resize(x, size, "bilinear")
 
 
+NORMALIZATION = "scale to [0, 1] by the dtype's maximum, then (x - 0.5) / 0.25"
+
+
 def standardize(images: np.ndarray) -> np.ndarray:
-    """Per-image, per-channel z-score: MRI intensities have no common scale across scanners."""
-    mean = images.mean(axis=(-2, -1), keepdims=True)
-    std = images.std(axis=(-2, -1), keepdims=True)
-    return ((images - mean) / np.maximum(std, 1e-6)).astype(np.float32)
+    """A fixed affine map of [0, 1] images (see ``NORMALIZATION``).
+
+    Not a per-image z-score: that leaks global statistics (a lesion shifts the whole image's mean and
+    std, so the background's normalised level alone gives the label away, and the class map learns
+    the background). Sources normalise intensities per volume when they prepare the dataset.
+    """
+    return ((images - 0.5) / 0.25).astype(np.float32)
 
 
 def _mask_or_ignore(data: Any, size: int) -> np.ndarray:
