@@ -79,8 +79,8 @@ def prepare(
             source, output, input_uri=input, seed=seed, fullsup_per_class=fullsup_per_class,
             rows_per_shard=rows_per_shard, progress=progress, **_parse_options(option),
         )
-    summary = manifest.to_dict() if hasattr(manifest, "to_dict") else dict(manifest)
-    typer.echo(json.dumps({k: summary[k] for k in ("accepted", "rejected", "split_counts") if k in summary}))
+    summary = {"output": output, "accepted": manifest.accepted, "rejected": manifest.rejected}
+    typer.echo(json.dumps({**summary, "split_counts": manifest.split_counts}))
 
 
 class _progress:
