@@ -35,8 +35,8 @@ class TrainConfig:
     in_channels: int = 1
     image_size: int = 128
     epochs: int = 10
-    batch_size: int = 32
-    lr: float = 0.02
+    batch_size: int = 16
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"

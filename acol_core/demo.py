@@ -1,6 +1,6 @@
 """`make demo`: the built-in MRI phantom end to end on this machine, no server needed.
 
-    python -m acol_core.demo [--out runs/demo] [--epochs 12] [--subjects 40]
+    python -m acol_core.demo [--out runs/demo] [--epochs 15] [--subjects 100] [--size 96]
 
 Generates the phantom into a Parquet dataset, trains each model on the ``tiny`` backbone, scores it
 on the test split against the centre-Gaussian baseline, and writes ``metrics.json`` and
@@ -44,12 +44,14 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, epochs: int, subjects: int, size: int = 128, seed: int = 0) -> dict:
+def run_demo(out: Path, epochs: int, subjects: int, slices: int = 8, size: int = 96, seed: int = 0) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_uri = str(out / "data")
-    prepare_dataset("phantom", data_uri, seed=seed, num_subjects=subjects, size=size)
+    prepare_dataset(
+        "phantom", data_uri, seed=seed, num_subjects=subjects, slices_per_subject=slices, size=size
+    )
     splits = _load(data_uri, size)
     sizes = ", ".join(f"{k}={len(v['label'])}" for k, v in splits.items())
     print(f"dataset: {data_uri} ({sizes})", flush=True)
@@ -99,11 +101,12 @@ def run_demo(out: Path, epochs: int, subjects: int, size: int = 128, seed: int =
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--subjects", type=int, default=40)
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--subjects", type=int, default=100)
+    parser.add_argument("--slices", type=int, default=8)
+    parser.add_argument("--size", type=int, default=96)
     args = parser.parse_args(argv)
-    run_demo(args.out, args.epochs, args.subjects, args.size)
+    run_demo(args.out, args.epochs, args.subjects, args.slices, args.size)
 
 
 if __name__ == "__main__":

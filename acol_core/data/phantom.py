@@ -112,7 +112,7 @@ class LesionParams:
     rim_patchiness: float
     rim_phase: float
     core: float
-    oedema_drop: float  # relative darkening of the tissue under the oedema
+    oedema_drop: float  # relative intensity change under the oedema (negative: brighter, FLAIR-like)
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ def _sample_lesion(rng: np.random.Generator, head_axes: tuple[float, float], dep
         rim_patchiness=float(rng.uniform(0.0, 0.35)),
         rim_phase=float(rng.uniform(0, 2 * math.pi)),
         core=float(rng.uniform(0.15, 0.32)),
-        oedema_drop=float(rng.uniform(0.08, 0.25)),
+        oedema_drop=float(rng.uniform(-0.55, -0.3)),  # negative: hyperintense oedema, as on FLAIR
     )
 
 
