@@ -115,37 +115,71 @@ class _progress:
 def train(
     data: str = typer.Option(..., help="dataset URI written by `acol prepare`"),
     storage: str = typer.Option(..., help="where runs, checkpoints and the exported model go"),
-    model: str = typer.Option("acol", help="cam, acol, coatt or acol_coatt"),
-    backbone: str = typer.Option("tiny", help="tiny, vgg16 or resnet50"),
+    model: str | None = typer.Option(None, help="cam, acol, coatt or acol_coatt [default: config's, acol]"),
+    backbone: str | None = typer.Option(None, help="tiny, vgg16 or resnet50 [default: config's, tiny]"),
     delta: float | None = typer.Option(None, help="ACoL erase threshold δ in (0, 1)"),
-    epochs: int | None = typer.Option(None),
-    workers: int = typer.Option(1, help="Ray Train workers (DDP)"),
+    epochs: int | None = typer.Option(None, help="[default: config's]"),
+    workers: int = typer.Option(1, help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU)"),
     gpus_per_worker: float = typer.Option(0.0),
-    cpus_per_worker: float = typer.Option(0.5),
+    cpus_per_worker: float = typer.Option(0.5, help="fractional: Ray Data's readers need CPUs too"),
     name: str = typer.Option("acol-train", help="run name; the same name + storage resumes"),
     max_failures: int = typer.Option(1, help="restarts after a worker dies"),
+    keep_checkpoints: int = typer.Option(2, help="best checkpoints kept (the latest is kept too)"),
+    deterministic: bool = typer.Option(False, help="same data order every run (slower streaming)"),
     config: str | None = typer.Option(None, "--config", help="YAML file of TrainConfig fields"),
 ) -> None:
-    """Train on Ray Train (local Ray, or the cluster in RAY_ADDRESS); prints the result as JSON."""
+    """Train on Ray Train (a local Ray, or the cluster in RAY_ADDRESS); prints the result as JSON.
+
+    Ray Data streams the dataset's train rows to the workers; every epoch rank 0 scores the val rows
+    and saves a checkpoint (state.pt + model.safetensors) under STORAGE/NAME.
+    """
     from acol_core.config import TrainConfig, load_config_file
     from acol_core.jobs.train_run import RunOptions, run_training
 
     values = load_config_file(config) if config else {}
-    values.update({"model": model, "backbone": backbone})
-    if epochs is not None:
-        values["epochs"] = epochs
+    given = {"model": model, "backbone": backbone, "epochs": epochs}
+    values.update({k: v for k, v in given.items() if v is not None})
     if delta is not None:
         values["model_options"] = {**values.get("model_options", {}), "delta": delta}
-    cfg = TrainConfig.from_dict(values)
     options = RunOptions(
         data=data, storage=storage, name=name, workers=workers, gpus_per_worker=gpus_per_worker,
-        cpus_per_worker=cpus_per_worker, max_failures=max_failures,
+        cpus_per_worker=cpus_per_worker, max_failures=max_failures, keep_checkpoints=keep_checkpoints,
+        deterministic=deterministic,
     )
-    result = run_training(cfg, options)
-    typer.echo(json.dumps({
+    result = run_training(TrainConfig.from_dict(values), options)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    summary = {
         "run": result.run_uri, "checkpoint": result.checkpoint_uri, "model": result.model_uri,
-        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-    }, indent=2))
+        "latest_checkpoint": result.latest_checkpoint_uri, "epochs": len(result.history), "metrics": metrics,
+    }
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command(
+    epilog="Example: acol tune --space tune/spaces/smoke.yaml --data runs/data --trials 4 --storage runs/sweeps"
+)
+@clear_errors
+def tune(
+    space: str = typer.Option(..., help="search-space YAML (tune/spaces/*.yaml)"),
+    data: str = typer.Option(..., help="dataset URI written by `acol prepare`"),
+    trials: int = typer.Option(..., help="number of trials"),
+    storage: str = typer.Option(..., help="where the sweep folder goes (path or s3://)"),
+    name: str = typer.Option("acol-sweep", help="sweep name; the same name + storage resumes a stopped sweep"),
+    workers_per_trial: int = typer.Option(1, help="Ray Train workers per trial"),
+    cpus_per_worker: float = typer.Option(0.5),
+    gpus_per_worker: float = typer.Option(0.0),
+    max_concurrent_trials: int | None = typer.Option(None, help="default: what the cluster's CPUs allow"),
+    seed: int = typer.Option(0, help="Optuna sampler seed"),
+) -> None:
+    """Sweep with Ray Tune (Optuna + ASHA), one Ray Train run per trial; prints the best config as JSON."""
+    from acol_core.jobs.sweep import run_sweep
+
+    result = run_sweep(
+        space, data, trials, storage, name=name, workers_per_trial=workers_per_trial,
+        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+        max_concurrent_trials=max_concurrent_trials, seed=seed,
+    )
+    typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
 
 
 def main() -> None:

@@ -94,12 +94,16 @@ def build_model(config: TrainConfig) -> nn.Module:
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """ACoL's recipe: SGD, momentum 0.9, weight decay 5e-4, heads at 10x the backbone's rate."""
     return torch.optim.SGD(
-        unwrap(model).param_groups(config.lr), lr=config.lr, momentum=config.momentum,
+        unwrap(model).param_groups(config.lr),
+        lr=config.lr,
+        momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch schedule (stepped once per epoch, so resuming at an epoch boundary is exact)."""
     epochs = config.epochs
 
@@ -168,7 +172,11 @@ def train_epoch(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, batches: Iterable[Batch], device: torch.device, amp: str = "auto", use_labels: bool = True
+    model: nn.Module,
+    batches: Iterable[Batch],
+    device: torch.device,
+    amp: str = "auto",
+    use_labels: bool = True,
 ) -> dict[str, np.ndarray]:
     """Logits, predictions and normalised CAMs at input resolution for every row of ``batches``.
 
@@ -186,13 +194,17 @@ def predict(
         cams = normalize_cam(resize_map(outputs["cam"].float().cpu().numpy(), size))
         logits = outputs["logits"].float().cpu().numpy()
         parts = {"logits": logits, "pred": logits.argmax(1), "cam": cams}
-        parts.update({k: np.asarray(batch[k]) for k in ("label", "mask", "anatomy_mask", "fullsup") if k in batch})
+        parts.update(
+            {k: np.asarray(batch[k]) for k in ("label", "mask", "anatomy_mask", "fullsup") if k in batch}
+        )
         for key, value in parts.items():
             out.setdefault(key, []).append(value)
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def localization_metrics(pred: dict[str, np.ndarray], rows: np.ndarray | None = None, step: float = 0.01) -> dict:
+def localization_metrics(
+    pred: dict[str, np.ndarray], rows: np.ndarray | None = None, step: float = 0.01
+) -> dict:
     """WSOL metrics on the rows that contain an object (non-empty mask), optionally a subset.
 
     Healthy MRI slices have no object: localisation is scored on object rows only (GT-known),
@@ -209,7 +221,9 @@ def localization_metrics(pred: dict[str, np.ndarray], rows: np.ndarray | None = 
     cams, masks = pred["cam"][keep], pred["mask"][keep]
     boxes = [boxes_from_mask((m == 1).astype(np.uint8)) for m in masks]
     metrics["pxap"] = pxap(cams, masks, step=step)
-    metrics["max_box_acc_v2"] = max_box_acc(cams, boxes, (0.3, 0.5, 0.7), multi_contour=True, step=step)["mean"]
+    metrics["max_box_acc_v2"] = max_box_acc(cams, boxes, (0.3, 0.5, 0.7), multi_contour=True, step=step)[
+        "mean"
+    ]
     if "anatomy_mask" in pred:
         anatomy = (pred["anatomy_mask"][keep] == 1).astype(np.uint8)
         metrics["off_target"] = off_target_share(cams, anatomy)
@@ -260,6 +274,12 @@ def fit(
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        # The schedule is this run's (e.g. a resumed run given more epochs): the checkpoint keeps the
+        # old schedule's next rate, which for a cosine ending at the old last epoch is 0.
+        for group, base, factor in zip(
+            optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(scheduler.last_epoch)
         start = int(resume["epoch"]) + 1
     result = FitResult(model=model)
     for epoch in range(start, config.epochs):
@@ -268,9 +288,12 @@ def fit(
         metrics.update(train_epoch(model, optimizer, train_batches(epoch), device, config.amp))
         scheduler.step()
         if val_batches is not None:
-            pred = predict(model, val_batches(), device, config.amp)
+            # The bare module: a DDP forward on rank 0 alone would wait for the other ranks' collectives.
+            pred = predict(unwrap(model), val_batches(), device, config.amp)
             fullsup = pred.get("fullsup")
-            val = localization_metrics(pred, rows=fullsup if fullsup is not None else None, step=config.val_step)
+            val = localization_metrics(
+                pred, rows=fullsup if fullsup is not None else None, step=config.val_step
+            )
             metrics.update({f"val_{k}": float(v) for k, v in val.items()})
 
         def state(epoch: int = epoch) -> dict:
