@@ -132,14 +132,16 @@ def test_fuse_max_is_elementwise_max() -> None:
 
 
 def test_registries_list_sorted_names() -> None:
-    assert {"acol", "cam"} <= set(list_models()) and list_models() == sorted(list_models())
+    assert {"acol", "acol_coatt", "cam", "coatt"} <= set(list_models()) and list_models() == sorted(
+        list_models()
+    )
     assert {"resnet50", "tiny", "vgg16"} <= set(list_backbones()) and list_backbones() == sorted(
         list_backbones()
     )
 
 
 def test_unknown_names_raise_value_error_listing_known_ones() -> None:
-    with pytest.raises(ValueError, match="known models: acol, cam"):
+    with pytest.raises(ValueError, match="known models: acol, acol_coatt, cam, coatt"):
         create_model("nope", num_classes=2)
     with pytest.raises(ValueError, match="resnet50, tiny, vgg16"):
         create_model("cam", num_classes=2, backbone="alexnet")
@@ -149,7 +151,8 @@ def test_unknown_names_raise_value_error_listing_known_ones() -> None:
 
 def test_bad_options_raise_clear_errors() -> None:
     with pytest.raises(
-        TypeError, match=r"'cam' got unknown option\(s\) delta; it accepts: head_depth, head_width"
+        TypeError,
+        match=r"'cam' got unknown option\(s\) delta; it accepts: head_depth, head_width, shared_anatomy",
     ):
         create_model("cam", num_classes=2, delta=0.5)
     for delta in (0.0, 1.0, 2.0):
@@ -212,7 +215,10 @@ def test_train_forward_shapes_loss_and_backward(built: tuple[WsolModel, torch.Te
     assert all(m.shape == (n, NUM_CLASSES, h, h) and torch.isfinite(m).all() for m in out["maps"].values())
     assert out["cam"].shape == (n, h, h) and 0 <= out["cam"].min() and out["cam"].max() <= 1
     losses = model.compute_loss(out, labels)
-    assert set(losses) == {"loss", *(f"ce_{b}" for b in model.branch_names)}
+    assert len(model.loss_names) == len(model.branch_names)
+    if type(model).__name__ in ("CamModel", "AcolModel"):
+        assert model.loss_names == tuple(f"ce_{b}" for b in model.branch_names)
+    assert set(losses) == {"loss", *model.loss_names}
     parts = [v for k, v in losses.items() if k != "loss"]
     assert torch.isfinite(losses["loss"]) and torch.allclose(losses["loss"], sum(parts))
     losses["loss"].backward()

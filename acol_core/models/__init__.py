@@ -1,17 +1,31 @@
-"""Backbones, class-map heads (CAM, ACoL) and the registry: `create_model(name, num_classes, ...)`.
+"""Backbones, class-map heads (CAM, ACoL, co-attention, ACoL + co-attention) and the registry.
 
 Examples:
     >>> from acol_core.models import create_model, list_models
     >>> list_models()
-    ['acol', 'cam']
+    ['acol', 'acol_coatt', 'cam', 'coatt']
     >>> model = create_model("acol", num_classes=2, in_channels=1, backbone="tiny", delta=0.6)
+    >>> model = create_model("coatt", num_classes=2, in_channels=1, backbone="tiny", pair_policy="same")
 """
 
 from __future__ import annotations
 
 from .backbones import Backbone, ResNet50Backbone, TinyBackbone, Vgg16Backbone
+from .coattention import (
+    PAIR_POLICIES,
+    AcolCoattModel,
+    CoAttention,
+    CoattModel,
+    attend,
+    coattention_efficient,
+    coattention_naive,
+    contrastive_features,
+    pair_partners,
+    pair_targets,
+    sample_partners,
+)
 from .erase import erase_features, erase_mask, fuse_max, normalize_maps, select_class_maps
-from .heads import AcolModel, CamModel, ClassMapHead, WsolModel
+from .heads import AcolModel, CamModel, ClassMapHead, WsolModel, multi_hot_targets
 from .pretrained import adapt_first_conv, load_pretrained
 from .registry import (
     create_backbone,
@@ -23,15 +37,23 @@ from .registry import (
 )
 
 __all__ = [
+    "PAIR_POLICIES",
+    "AcolCoattModel",
     "AcolModel",
     "Backbone",
     "CamModel",
     "ClassMapHead",
+    "CoAttention",
+    "CoattModel",
     "ResNet50Backbone",
     "TinyBackbone",
     "Vgg16Backbone",
     "WsolModel",
     "adapt_first_conv",
+    "attend",
+    "coattention_efficient",
+    "coattention_naive",
+    "contrastive_features",
     "create_backbone",
     "create_model",
     "erase_features",
@@ -40,8 +62,12 @@ __all__ = [
     "list_backbones",
     "list_models",
     "load_pretrained",
+    "multi_hot_targets",
     "normalize_maps",
+    "pair_partners",
+    "pair_targets",
     "register_backbone",
     "register_model",
+    "sample_partners",
     "select_class_maps",
 ]

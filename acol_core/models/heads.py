@@ -3,6 +3,12 @@
 The `WsolModel` base class fixes the contract every registered model keeps (co-attention models too), so
 the train loop, the localiser and the sweeps treat all models alike.
 
+Shared-anatomy label (`shared_anatomy=True`, every model): the classifier gets one extra output channel,
+"anatomy", whose target is 1 for every image, and the loss becomes the multi-label soft margin over
+[one-hot(label), 1]. Evidence common to all MRI slices (the skull) then pays off through the anatomy
+channel, so the tumour map has no reason to take it. "logits" stay N×C over the real classes (accuracy
+and prediction code are unchanged); "branch_logits" and "maps" carry the extra channel last.
+
 Examples:
     >>> import torch
     >>> from acol_core.models import create_model
@@ -24,7 +30,17 @@ from .backbones import Backbone
 from .erase import check_delta, erase_features, fuse_max, normalize_maps, select_class_maps
 from .registry import register_model
 
-__all__ = ["AcolModel", "CamModel", "ClassMapHead", "WsolModel", "acol", "cam"]
+__all__ = [
+    "AcolModel",
+    "CamModel",
+    "ClassMapHead",
+    "WsolModel",
+    "acol",
+    "cam",
+    "gap",
+    "head_size",
+    "multi_hot_targets",
+]
 
 
 class ClassMapHead(nn.Module):
@@ -48,44 +64,100 @@ class ClassMapHead(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         return self.layers(features)
 
+    def trunk(self, features: Tensor) -> Tensor:
+        """The conv layers before the classifier (identity when depth is 0)."""
+        return self.layers[:-1](features)
+
+    @property
+    def classifier(self) -> nn.Conv2d:
+        """The final 1×1 conv: one map per class (co-attention heads reuse it on attended features)."""
+        return self.layers[-1]
+
+
+def multi_hot_targets(labels: Tensor, num_classes: int, anatomy: bool = False) -> Tensor:
+    """Class indices (N,) -> N×K float multi-hot targets, K = C, or C + 1 with the anatomy column of ones.
+
+    Examples:
+        >>> multi_hot_targets(torch.tensor([1, 0]), 2, anatomy=True)
+        tensor([[0., 1., 1.],
+                [1., 0., 1.]])
+    """
+    if labels.dim() != 1 or labels.is_floating_point():
+        raise ValueError(
+            f"labels must be an integer tensor of shape (N,), got {labels.dtype} {tuple(labels.shape)}"
+        )
+    targets = F.one_hot(labels.long(), num_classes).float()
+    if anatomy:
+        targets = torch.cat([targets, targets.new_ones(len(labels), 1)], dim=1)
+    return targets
+
 
 class WsolModel(nn.Module):
     """Base class of every registered model: `backbone` + heads.
 
     Contract:
         forward(x, labels=None) -> dict with
-            "logits": N×C prediction logits;
-            "branch_logits": list of N×C logits, each of which receives a loss;
-            "maps": dict branch name -> N×C×h×w raw class maps (before GAP);
+            "logits": N×C prediction logits (the real classes only);
+            "branch_logits": list of N×K logits, each of which receives a loss (K = `num_outputs`:
+                C, or C + 1 with the anatomy channel last);
+            "maps": dict branch name -> N×K×h×w raw class maps (before GAP);
             "cam": N×h×w fused map in [0, 1] (min-max per image, no gradient) for the target class:
                 `labels` when given, else the argmax of "logits".
             Subclasses may add keys and keyword inputs (e.g. an image pairing) but keep these.
-        compute_loss(outputs, labels) -> dict with "loss" (the total, a scalar) plus named parts.
+        compute_loss(outputs, labels) -> dict with "loss" (the total, a scalar) plus the parts named in
+            `loss_names`.
         param_groups(lr) -> optimiser groups: backbone at `lr`, everything else at 10 × `lr` (ACoL's recipe).
 
     Attributes:
         branch_names: names of the branches, in the order of "branch_logits".
+        shared_anatomy: whether the classifier has the extra, always-on "anatomy" channel.
         config: set by `create_model`; `create_model(**model.config)` rebuilds the architecture.
     """
 
     branch_names: tuple[str, ...] = ()
 
-    def __init__(self, backbone: Backbone, num_classes: int) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int, shared_anatomy: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = int(num_classes)
+        self.shared_anatomy = bool(shared_anatomy)
         self.config: dict[str, Any] = {}
+
+    @property
+    def num_outputs(self) -> int:
+        """Classifier channels: the classes, plus one for the shared anatomy label."""
+        return self.num_classes + int(self.shared_anatomy)
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """Keys of the loss parts: `ce_<branch>`, or `sm_<branch>` (soft margin) with shared anatomy."""
+        prefix = "sm" if self.shared_anatomy else "ce"
+        return tuple(f"{prefix}_{name}" for name in self.branch_names)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
+    def targets(self, labels: Tensor) -> Tensor:
+        """N×K multi-hot targets of `labels` (with the anatomy column when `shared_anatomy`)."""
+        return multi_hot_targets(labels, self.num_classes, self.shared_anatomy)
+
+    def class_logits(self, logits: Tensor) -> Tensor:
+        """The real classes' logits: drops the anatomy channel."""
+        return logits[:, : self.num_classes]
+
     def compute_loss(self, outputs: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
-        """Cross-entropy on every branch: {"loss": sum, "ce_<branch>": each}."""
-        parts = {
-            f"ce_{name}": F.cross_entropy(logits, labels)
-            for name, logits in zip(self.branch_names, outputs["branch_logits"], strict=True)
-        }
-        return {"loss": torch.stack(list(parts.values())).sum(), **parts}
+        """Cross-entropy on every branch, or multi-label soft margin on [one-hot, 1] with shared anatomy.
+
+        Returns {"loss": sum, <loss_names>: each}.
+        """
+        branch_logits = outputs["branch_logits"]
+        if self.shared_anatomy:
+            targets = self.targets(labels).to(branch_logits[0].device)
+            values = [F.multilabel_soft_margin_loss(logits.float(), targets) for logits in branch_logits]
+        else:
+            values = [F.cross_entropy(logits, labels) for logits in branch_logits]
+        parts = dict(zip(self.loss_names, values, strict=True))
+        return {"loss": torch.stack(values).sum(), **parts}
 
     def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict[str, Any]]:
         """Optimiser groups: trainable backbone params at `lr`, head params at `head_lr_mult` × `lr`."""
@@ -104,7 +176,8 @@ class WsolModel(nn.Module):
         return logits.argmax(dim=1) if labels is None else labels
 
 
-def _gap(maps: Tensor) -> Tensor:
+def gap(maps: Tensor) -> Tensor:
+    """Global average pooling: N×K×h×w -> N×K."""
     return maps.mean(dim=(-2, -1))
 
 
@@ -113,16 +186,24 @@ class CamModel(WsolModel):
 
     branch_names = ("main",)
 
-    def __init__(self, backbone: Backbone, num_classes: int, head_width: int, head_depth: int) -> None:
-        super().__init__(backbone, num_classes)
-        self.head = ClassMapHead(backbone.out_channels, num_classes, head_width, head_depth)
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        head_width: int,
+        head_depth: int,
+        shared_anatomy: bool = False,
+    ) -> None:
+        super().__init__(backbone, num_classes, shared_anatomy)
+        self.head = ClassMapHead(backbone.out_channels, self.num_outputs, head_width, head_depth)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
         maps = self.head(self.backbone(x))
-        logits = _gap(maps)
+        full = gap(maps)
+        logits = self.class_logits(full)
         with torch.no_grad():
             cam = normalize_maps(select_class_maps(maps, self.target_classes(logits, labels)))
-        return {"logits": logits, "branch_logits": [logits], "maps": {"main": maps}, "cam": cam}
+        return {"logits": logits, "branch_logits": [full], "maps": {"main": maps}, "cam": cam}
 
 
 class AcolModel(WsolModel):
@@ -136,33 +217,40 @@ class AcolModel(WsolModel):
     branch_names = ("a", "b")
 
     def __init__(
-        self, backbone: Backbone, num_classes: int, delta: float, head_width: int, head_depth: int
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        delta: float,
+        head_width: int,
+        head_depth: int,
+        shared_anatomy: bool = False,
     ) -> None:
-        super().__init__(backbone, num_classes)
+        super().__init__(backbone, num_classes, shared_anatomy)
         self.delta = check_delta(delta)
-        self.head_a = ClassMapHead(backbone.out_channels, num_classes, head_width, head_depth)
-        self.head_b = ClassMapHead(backbone.out_channels, num_classes, head_width, head_depth)
+        self.head_a = ClassMapHead(backbone.out_channels, self.num_outputs, head_width, head_depth)
+        self.head_b = ClassMapHead(backbone.out_channels, self.num_outputs, head_width, head_depth)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
         features = self.backbone(x)
         maps_a = self.head_a(features)
-        logits_a = _gap(maps_a)
-        target = self.target_classes(logits_a, labels)
+        logits_a = gap(maps_a)
+        target = self.target_classes(self.class_logits(logits_a), labels)
         with torch.no_grad():
             norm_a = normalize_maps(select_class_maps(maps_a, target))
         maps_b = self.head_b(erase_features(features, norm_a, self.delta))
-        logits_b = _gap(maps_b)
+        logits_b = gap(maps_b)
         with torch.no_grad():
             cam = fuse_max(norm_a, normalize_maps(select_class_maps(maps_b, target)))
         return {
-            "logits": logits_a,
+            "logits": self.class_logits(logits_a),
             "branch_logits": [logits_a, logits_b],
             "maps": {"a": maps_a, "b": maps_b},
             "cam": cam,
         }
 
 
-def _head_size(backbone: Backbone, width: int | None, depth: int | None) -> tuple[int, int]:
+def head_size(backbone: Backbone, width: int | None, depth: int | None) -> tuple[int, int]:
+    """`(width, depth)` of a head: the given values, else the backbone's defaults."""
     return (
         backbone.default_head_width if width is None else int(width),
         backbone.default_head_depth if depth is None else int(depth),
@@ -171,10 +259,15 @@ def _head_size(backbone: Backbone, width: int | None, depth: int | None) -> tupl
 
 @register_model("cam")
 def cam(
-    backbone: Backbone, num_classes: int, *, head_width: int | None = None, head_depth: int | None = None
+    backbone: Backbone,
+    num_classes: int,
+    *,
+    head_width: int | None = None,
+    head_depth: int | None = None,
+    shared_anatomy: bool = False,
 ) -> CamModel:
     """CAM head; `head_width`/`head_depth` default to the backbone's (1024/2 for vgg16 and resnet50)."""
-    return CamModel(backbone, num_classes, *_head_size(backbone, head_width, head_depth))
+    return CamModel(backbone, num_classes, *head_size(backbone, head_width, head_depth), shared_anatomy)
 
 
 @register_model("acol")
@@ -185,6 +278,9 @@ def acol(
     delta: float = 0.6,
     head_width: int | None = None,
     head_depth: int | None = None,
+    shared_anatomy: bool = False,
 ) -> AcolModel:
     """ACoL with erase threshold `delta` in (0, 1); head size defaults as for `cam`."""
-    return AcolModel(backbone, num_classes, delta, *_head_size(backbone, head_width, head_depth))
+    return AcolModel(
+        backbone, num_classes, delta, *head_size(backbone, head_width, head_depth), shared_anatomy
+    )

@@ -7,6 +7,8 @@ Examples:
     >>> model = create_model("acol", num_classes=2, in_channels=1, backbone="tiny", delta=0.7)
     >>> model.config["delta"]
     0.7
+    >>> create_model("coatt", num_classes=2, pair_policy="same", shared_anatomy=True).num_outputs
+    3
     >>> @register_model("my_head")  # doctest: +SKIP
     ... def my_head(backbone, num_classes, *, width=64): ...
 """
@@ -92,7 +94,8 @@ def create_model(
         in_channels: input channel count.
         backbone: a name from `list_backbones()`.
         pretrained: optional local torchvision-format weights file for the backbone.
-        options: model options (e.g. `delta`, `head_width`, `head_depth`); unknown ones raise TypeError.
+        options: model options (e.g. `delta`, `head_width`, `head_depth`, `shared_anatomy`, and for the
+            co-attention models `pair_policy`, `w_common`, ...); unknown ones raise TypeError.
 
     The returned model carries `model.config`, a plain dict with which `create_model(**model.config)`
     rebuilds the same architecture (the weights file is not part of it).

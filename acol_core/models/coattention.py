@@ -1,0 +1,482 @@
+"""Co-attention models: `coatt` (Sun et al., ECCV 2020) and `acol_coatt` (ACoL's erase on top of it).
+
+Co-attention (Sun, Wang, Dai, Van Gool, "Mining Cross-Image Semantics for Weakly Supervised Semantic
+Segmentation", ECCV 2020; reference code GuoleiSun/MCIS_wsss, `Classifier/models/vgg.py`). For an image
+pair (m, n) with head features F_m (D×A, A = h_m·w_m positions) and F_n (D×B):
+
+- affinity P = F_mᵀ W_P F_n (A×B; W_P a learnable D×D matrix, no bias, no 1/√D scale);
+- co-attended features of m from n: F_{m∩n} = F_n · softmax_rows(P)ᵀ (each position of m gathers the
+  partner's features it matches), and of n from m: F_{n∩m} = F_m · softmax_cols(P);
+- contrastive features: F_{m\\n} = F_m ⊙ (1 − σ(conv1×1(F_{m∩n}))), i.e. m's own features with the part
+  the partner explains gated away;
+- one classifier (1×1 conv to C + GAP) scores all three: the single-image features against m's labels,
+  F_{m∩n} against the labels common to m and n, F_{m\\n} against m's labels absent from n; every term is
+  the multi-label soft margin on multi-hot targets (a pair may share no class: an all-zero target).
+
+Here pairs are formed inside the batch by the model's forward (`pair_partners`): each sample i gets one
+partner p(i) != i by `pair_policy` ("same" class, "different" class, or "mixed" uniform), so the train
+loop and Ray Data streaming stay unchanged; pairs are drawn within a worker's shard/batch. Sample i
+attends to p(i) (the row-softmax direction); the other direction, p(i) attending to i, is p(i)'s own
+pair's job, so every image gets exactly one co-attended and one contrastive view, as in the paper. A
+sample with no partner (batch of 1) is paired with itself and its pair losses are skipped.
+
+Differences to the reference code, on purpose: it uses a second classifier for the pair branches (here
+one classifier is shared, as in the paper's text), trains both directions of each pair plus pairs of an
+image with augmented copies of itself, and adds the contrastive loss from epoch 2 on.
+
+Memory: the A×B affinity is never built on the hot path. `attend` runs each direction through
+`scaled_dot_product_attention` (query = W_P-projected positions of the attending image, key = value =
+the partner's positions, `scale=1.0`), whose fused kernels (flash on CPU and CUDA, memory-efficient on
+CUDA) work in tiles and recompute in the backward pass. `coattention_naive` is the reference that builds
+P; `benchmarks/coattention_memory.py` compares the two.
+
+`acol_coatt` (no published code has it): branch A is the co-attention head above (single-image,
+co-attended and contrastive terms, one classifier). A's single-image map for the target class (label in
+training, predicted class otherwise) is min-max normalised and positions >= `delta` are zeroed in the
+backbone features fed to branch B, a separate class-map head as in ACoL. Loss = the co-attention losses
++ `w_erased` × soft margin of B on the image's labels; localisation map = max(M̄_A, M̄_B).
+
+Inference map (`infer_partners`): 0 gives the image's own single-image map (A's, for `acol_coatt`). K > 0
+averages the raw co-attended maps of the target class over up to K partners drawn from the same batch
+among images predicted as that class, then min-max normalises (the reference's test-time aggregation);
+an image with no such partner keeps its own map. In eval mode partners come from a fixed-seed generator,
+so a batch's maps are repeatable; in training from torch's global RNG (seeded by the train loop).
+
+Examples:
+    >>> import torch
+    >>> from acol_core.models import create_model
+    >>> model = create_model("coatt", num_classes=2, in_channels=1, backbone="tiny", pair_policy="mixed")
+    >>> out = model(torch.randn(4, 1, 32, 32), labels=torch.tensor([0, 1, 1, 0]))
+    >>> sorted(model.compute_loss(out, torch.tensor([0, 1, 1, 0])))
+    ['loss', 'sm_common', 'sm_contrast', 'sm_single']
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbones import Backbone
+from .erase import check_delta, erase_features, fuse_max, normalize_maps, select_class_maps
+from .heads import ClassMapHead, WsolModel, gap, head_size
+from .registry import register_model
+
+__all__ = [
+    "PAIR_POLICIES",
+    "AcolCoattModel",
+    "CoAttention",
+    "CoattModel",
+    "acol_coatt",
+    "attend",
+    "coatt",
+    "coattention_efficient",
+    "coattention_naive",
+    "contrastive_features",
+    "masked_soft_margin",
+    "pair_partners",
+    "pair_targets",
+    "sample_partners",
+]
+
+PAIR_POLICIES = ("same", "different", "mixed")
+EVAL_PAIR_SEED = 0
+
+
+# ---------------------------------------------------------------- pairing (pure)
+
+
+def sample_partners(valid: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Draw, per row i of the N×N boolean `valid`, up to `k` distinct columns j with valid[i, j], uniformly.
+
+    Returns (idx, ok), both N×min(k, N): the drawn columns and whether each draw is a valid one (rows
+    with fewer than k valid columns are padded with invalid draws, marked False).
+    """
+    if valid.dim() != 2 or valid.shape[0] != valid.shape[1] or valid.dtype != torch.bool:
+        raise ValueError(f"valid must be a square boolean matrix, got {valid.dtype} {tuple(valid.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k!r}")
+    device = generator.device if generator is not None else valid.device
+    n = valid.shape[0]
+    scores = torch.rand(n, n, generator=generator, device=device).to(valid.device)
+    # Invalid columns score below every valid one, so top-k takes valid columns first, at random.
+    scores = torch.where(valid, scores, torch.full_like(scores, -1.0))
+    idx = scores.topk(min(k, n), dim=1).indices
+    return idx, valid.gather(1, idx)
+
+
+def pair_partners(labels: Tensor, policy: str = "mixed", generator: torch.Generator | None = None) -> Tensor:
+    """A partner index for every sample of the batch, drawn uniformly among those `policy` allows.
+
+    Args:
+        labels: (N,) integer classes (ground truth in training, predictions at inference).
+        policy: "same" (a different sample of the same class), "different" (a sample of another class)
+            or "mixed" (any other sample). A sample with no allowed partner takes any other sample; a
+            batch of one pairs the sample with itself.
+        generator: random source (torch's global RNG when None).
+
+    Examples:
+        >>> pair_partners(torch.tensor([0, 1, 1]), "same", torch.Generator().manual_seed(0))[1:]
+        tensor([2, 1])
+    """
+    if policy not in PAIR_POLICIES:
+        raise ValueError(f"pair_policy must be one of {', '.join(PAIR_POLICIES)}, got {policy!r}")
+    if labels.dim() != 1 or labels.is_floating_point():
+        raise ValueError(
+            f"labels must be an integer tensor of shape (N,), got {labels.dtype} {tuple(labels.shape)}"
+        )
+    n = labels.shape[0]
+    if n < 2:
+        return torch.arange(n, device=labels.device)
+    other = ~torch.eye(n, dtype=torch.bool, device=labels.device)
+    same = labels[:, None] == labels[None, :]
+    allowed = {"same": same & other, "different": ~same, "mixed": other}[policy]
+    allowed = torch.where(allowed.any(dim=1, keepdim=True), allowed, other)
+    return sample_partners(allowed, 1, generator)[0][:, 0]
+
+
+def pair_targets(targets: Tensor, partners: Tensor) -> tuple[Tensor, Tensor]:
+    """Multi-hot targets of the pair terms: (common = t_i ∧ t_p(i), contrast = t_i ∧ ¬t_p(i)).
+
+    Examples:
+        >>> t = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])  # classes 0 and 1, anatomy column last
+        >>> pair_targets(t, torch.tensor([1, 0]))
+        (tensor([[0., 0., 1.],
+                [0., 0., 1.]]), tensor([[1., 0., 0.],
+                [0., 1., 0.]]))
+    """
+    if partners.shape != (targets.shape[0],):
+        raise ValueError(f"partners must have shape ({targets.shape[0]},), got {tuple(partners.shape)}")
+    other = targets[partners]
+    return targets * other, targets * (1.0 - other)
+
+
+def masked_soft_margin(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Multi-label soft margin averaged over the samples where `mask`; 0 (still on the graph) if none."""
+    per_sample = F.multilabel_soft_margin_loss(logits.float(), targets.float(), reduction="none")
+    weights = mask.to(per_sample.dtype)
+    return (per_sample * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+# ---------------------------------------------------------------- co-attention (pure)
+
+
+def _check_pair(f_m: Tensor, f_n: Tensor, weight: Tensor) -> None:
+    if f_m.dim() != 4 or f_n.dim() != 4 or f_m.shape[:2] != f_n.shape[:2]:
+        raise ValueError(
+            f"features must be N×D×h×w with the same N and D, got {tuple(f_m.shape)} and {tuple(f_n.shape)}"
+        )
+    d = f_m.shape[1]
+    if weight.shape != (d, d):
+        raise ValueError(f"weight must be {d}×{d}, got {tuple(weight.shape)}")
+
+
+def coattention_naive(f_m: Tensor, f_n: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference co-attention that builds the affinity P (N×A×B) whole: use for tests and benchmarks.
+
+    Args:
+        f_m: N×D×h_m×w_m features of the first images; f_n: N×D×h_n×w_n of their partners.
+        weight: W_P, D×D.
+
+    Returns:
+        (att_m, att_n): att_m = F_n softmax_rows(P)ᵀ shaped like f_m; att_n = F_m softmax_cols(P) like f_n.
+    """
+    _check_pair(f_m, f_n, weight)
+    fm, fn = f_m.flatten(2), f_n.flatten(2)  # N×D×A, N×D×B
+    affinity = torch.matmul(weight, fm).transpose(1, 2) @ fn  # P[i, j] = (W f_m,i) · f_n,j
+    att_m = fn @ affinity.softmax(dim=2).transpose(1, 2)
+    att_n = fm @ affinity.softmax(dim=1)
+    return att_m.reshape(f_m.shape), att_n.reshape(f_n.shape)
+
+
+def attend(f_q: Tensor, f_kv: Tensor, weight: Tensor) -> Tensor:
+    """Features of `f_q`'s images gathered from their partners `f_kv`: F_kv softmax_rows(F_qᵀ W F_kv)ᵀ.
+
+    Same result as `coattention_naive(f_q, f_kv, weight)[0]`, through `scaled_dot_product_attention`
+    so that the affinity matrix is never materialised (4-D inputs, which its fused kernels need).
+    """
+    _check_pair(f_q, f_kv, weight)
+    n, d, h, w = f_q.shape
+    query = F.linear(f_q.flatten(2).transpose(1, 2), weight)  # row i = (W f_q,i)ᵀ
+    # Fused kernels need a unit-stride last dim (else SDPA silently falls back to the HW×HW math path),
+    # and one dtype (under autocast the projection comes out in low precision).
+    key = f_kv.flatten(2).transpose(1, 2).to(query.dtype).contiguous()
+    out = F.scaled_dot_product_attention(query.unsqueeze(1), key.unsqueeze(1), key.unsqueeze(1), scale=1.0)
+    return out.squeeze(1).transpose(1, 2).reshape(n, d, h, w)
+
+
+def coattention_efficient(f_m: Tensor, f_n: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """`coattention_naive` without the affinity matrix: both directions through `attend`.
+
+    The column direction is the row direction with roles swapped and W_P transposed:
+    P[i, j] = (W f_m,i) · f_n,j = (Wᵀ f_n,j) · f_m,i.
+    """
+    _check_pair(f_m, f_n, weight)
+    return attend(f_m, f_n, weight), attend(f_n, f_m, weight.t())
+
+
+def contrastive_features(features: Tensor, gate_logits: Tensor) -> Tensor:
+    """The image's own features with the co-attended part gated away: F ⊙ (1 − σ(gate)), gate N×1×h×w."""
+    return features * (1.0 - torch.sigmoid(gate_logits))
+
+
+# ---------------------------------------------------------------- modules
+
+
+class CoAttention(nn.Module):
+    """W_P (`affinity`, D×D) and the gate (`gate`, 1×1 conv D -> 1), both without bias as in the paper's code.
+
+    forward(features, partner_features) -> (co-attended features, contrastive features), both N×D×h×w.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.affinity = nn.Linear(channels, channels, bias=False)
+        self.gate = nn.Conv2d(channels, 1, 1, bias=False)
+
+    def forward(self, features: Tensor, partner_features: Tensor) -> tuple[Tensor, Tensor]:
+        attended = attend(features, partner_features, self.affinity.weight)
+        return attended, contrastive_features(features, self.gate(attended))
+
+
+def _check_weights(**weights: float) -> dict[str, float]:
+    out = {name: float(value) for name, value in weights.items()}
+    bad = {name: value for name, value in out.items() if not (math.isfinite(value) and value >= 0)}
+    if bad:
+        raise ValueError(f"loss weights must be finite and >= 0, got {bad}")
+    return out
+
+
+class CoattModel(WsolModel):
+    """Co-attention model: a class-map head whose features are also paired within the batch.
+
+    Branches: "single" (the image alone), "common" (co-attended with its partner), "contrast" (its own
+    features less what the partner explains). Outputs add "partners" (N,) to the WsolModel contract.
+    Losses: `sm_<branch>`, multi-label soft margin; the total weighs them by `w_single`, `w_common`,
+    `w_contrast`.
+    """
+
+    branch_names: tuple[str, ...] = ("single", "common", "contrast")
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        *,
+        pair_policy: str = "mixed",
+        head_width: int,
+        head_depth: int,
+        w_single: float = 1.0,
+        w_common: float = 1.0,
+        w_contrast: float = 1.0,
+        infer_partners: int = 0,
+        shared_anatomy: bool = False,
+    ) -> None:
+        super().__init__(backbone, num_classes, shared_anatomy)
+        if pair_policy not in PAIR_POLICIES:
+            raise ValueError(f"pair_policy must be one of {', '.join(PAIR_POLICIES)}, got {pair_policy!r}")
+        if int(infer_partners) < 0:
+            raise ValueError(f"infer_partners must be >= 0, got {infer_partners!r}")
+        self.pair_policy = pair_policy
+        self.infer_partners = int(infer_partners)
+        self.head = ClassMapHead(backbone.out_channels, self.num_outputs, head_width, head_depth)
+        self.coattention = CoAttention(head_width if head_depth > 0 else backbone.out_channels)
+        weights = _check_weights(w_single=w_single, w_common=w_common, w_contrast=w_contrast)
+        self.loss_weights = {
+            f"sm_{self.branch_names[0]}": weights["w_single"],
+            "sm_common": weights["w_common"],
+            "sm_contrast": weights["w_contrast"],
+        }
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        return tuple(f"sm_{name}" for name in self.branch_names)
+
+    def _generator(self) -> torch.Generator | None:
+        return None if self.training else torch.Generator().manual_seed(EVAL_PAIR_SEED)
+
+    def _pair_branches(self, features: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Partners by `pair_policy`; the classifier's maps of the co-attended and contrastive features."""
+        partners = pair_partners(target, self.pair_policy, self._generator())
+        attended, contrast = self.coattention(features, features[partners])
+        return partners, self.head.classifier(attended), self.head.classifier(contrast)
+
+    @torch.no_grad()
+    def _anchor_map(self, features: Tensor, maps_single: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        """Normalised map of the target class: own map, or co-attended maps averaged over partners."""
+        own = select_class_maps(maps_single, target)
+        n, k = features.shape[0], self.infer_partners
+        if k == 0 or n < 2:
+            return normalize_maps(own)
+        predicted = self.class_logits(logits).argmax(dim=1)
+        valid = (predicted[None, :] == target[:, None]) & ~torch.eye(n, dtype=torch.bool, device=own.device)
+        idx, ok = sample_partners(valid, k, self._generator())
+        k = idx.shape[1]
+        weight = self.coattention.affinity.weight
+        attended = attend(features.repeat_interleave(k, dim=0), features[idx.flatten()], weight)
+        maps = select_class_maps(self.head.classifier(attended), target.repeat_interleave(k))
+        maps = maps.view(n, k, *own.shape[1:])
+        weights = ok.to(maps.dtype)[..., None, None]
+        mean = (maps * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return normalize_maps(torch.where(ok.any(dim=1)[:, None, None], mean, own))
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
+        features = self.head.trunk(self.backbone(x))
+        maps_single = self.head.classifier(features)
+        logits = gap(maps_single)
+        target = self.target_classes(self.class_logits(logits), labels)
+        partners, maps_common, maps_contrast = self._pair_branches(features, target)
+        cam = self._anchor_map(features, maps_single, logits, target)
+        maps = {"single": maps_single, "common": maps_common, "contrast": maps_contrast}
+        return {
+            "logits": self.class_logits(logits),
+            "branch_logits": [gap(m) for m in maps.values()],
+            "maps": maps,
+            "cam": cam,
+            "partners": partners,
+        }
+
+    def _loss_parts(self, outputs: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
+        logits = dict(zip(self.branch_names, outputs["branch_logits"], strict=True))
+        targets = self.targets(labels).to(logits["common"].device)
+        partners = outputs["partners"].to(targets.device)
+        common, contrast = pair_targets(targets, partners)
+        # A self-paired sample (batch of one) has no pair to learn from.
+        paired = partners != torch.arange(len(partners), device=partners.device)
+        single = self.branch_names[0]
+        return {
+            f"sm_{single}": F.multilabel_soft_margin_loss(logits[single].float(), targets),
+            "sm_common": masked_soft_margin(logits["common"], common, paired),
+            "sm_contrast": masked_soft_margin(logits["contrast"], contrast, paired),
+        }
+
+    def compute_loss(self, outputs: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
+        """{"loss": Σ weight × part, <loss_names>: each unweighted part}."""
+        parts = self._loss_parts(outputs, labels)
+        total = torch.stack([self.loss_weights[name] * value for name, value in parts.items()]).sum()
+        return {"loss": total, **parts}
+
+
+class AcolCoattModel(CoattModel):
+    """ACoL on co-attention: branch A is `CoattModel`'s head; A's map erases branch B's input features.
+
+    Branches: "a" (single image), "common", "contrast" (A's pair terms), "b" (erased features).
+    """
+
+    branch_names = ("a", "common", "contrast", "b")
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        *,
+        delta: float = 0.6,
+        w_erased: float = 1.0,
+        head_width: int,
+        head_depth: int,
+        **options: Any,
+    ) -> None:
+        super().__init__(backbone, num_classes, head_width=head_width, head_depth=head_depth, **options)
+        self.delta = check_delta(delta)
+        self.head_b = ClassMapHead(backbone.out_channels, self.num_outputs, head_width, head_depth)
+        self.loss_weights["sm_b"] = _check_weights(w_erased=w_erased)["w_erased"]
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
+        backbone_features = self.backbone(x)
+        features = self.head.trunk(backbone_features)
+        maps_a = self.head.classifier(features)
+        logits_a = gap(maps_a)
+        target = self.target_classes(self.class_logits(logits_a), labels)
+        partners, maps_common, maps_contrast = self._pair_branches(features, target)
+        with torch.no_grad():
+            norm_a = normalize_maps(select_class_maps(maps_a, target))
+        maps_b = self.head_b(erase_features(backbone_features, norm_a, self.delta))
+        with torch.no_grad():
+            cam_a = self._anchor_map(features, maps_a, logits_a, target) if self.infer_partners else norm_a
+            cam = fuse_max(cam_a, normalize_maps(select_class_maps(maps_b, target)))
+        maps = {"a": maps_a, "common": maps_common, "contrast": maps_contrast, "b": maps_b}
+        return {
+            "logits": self.class_logits(logits_a),
+            "branch_logits": [gap(m) for m in maps.values()],
+            "maps": maps,
+            "cam": cam,
+            "partners": partners,
+        }
+
+    def _loss_parts(self, outputs: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
+        parts = super()._loss_parts(outputs, labels)
+        logits_b = outputs["branch_logits"][self.branch_names.index("b")]
+        parts["sm_b"] = F.multilabel_soft_margin_loss(
+            logits_b.float(), self.targets(labels).to(logits_b.device)
+        )
+        return parts
+
+
+# ---------------------------------------------------------------- registry builders
+
+
+@register_model("coatt")
+def coatt(
+    backbone: Backbone,
+    num_classes: int,
+    *,
+    pair_policy: str = "mixed",
+    head_width: int | None = None,
+    head_depth: int | None = None,
+    w_single: float = 1.0,
+    w_common: float = 1.0,
+    w_contrast: float = 1.0,
+    infer_partners: int = 0,
+    shared_anatomy: bool = False,
+) -> CoattModel:
+    """Co-attention (Sun et al. 2020) with in-batch pairs; head size defaults as for `cam`."""
+    width, depth = head_size(backbone, head_width, head_depth)
+    return CoattModel(
+        backbone,
+        num_classes,
+        pair_policy=pair_policy,
+        head_width=width,
+        head_depth=depth,
+        w_single=w_single,
+        w_common=w_common,
+        w_contrast=w_contrast,
+        infer_partners=infer_partners,
+        shared_anatomy=shared_anatomy,
+    )
+
+
+@register_model("acol_coatt")
+def acol_coatt(
+    backbone: Backbone,
+    num_classes: int,
+    *,
+    delta: float = 0.6,
+    pair_policy: str = "mixed",
+    head_width: int | None = None,
+    head_depth: int | None = None,
+    w_single: float = 1.0,
+    w_common: float = 1.0,
+    w_contrast: float = 1.0,
+    w_erased: float = 1.0,
+    infer_partners: int = 0,
+    shared_anatomy: bool = False,
+) -> AcolCoattModel:
+    """ACoL's erased branch B on a co-attention branch A; `w_erased` weighs B's loss."""
+    width, depth = head_size(backbone, head_width, head_depth)
+    return AcolCoattModel(
+        backbone,
+        num_classes,
+        delta=delta,
+        w_erased=w_erased,
+        pair_policy=pair_policy,
+        head_width=width,
+        head_depth=depth,
+        w_single=w_single,
+        w_common=w_common,
+        w_contrast=w_contrast,
+        infer_partners=infer_partners,
+        shared_anatomy=shared_anatomy,
+    )
