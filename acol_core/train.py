@@ -25,7 +25,7 @@ from torch import nn
 
 from acol_core.config import TrainConfig
 from acol_core.localize import boxes_from_mask, normalize_cam, resize_map
-from acol_core.metrics import classification_accuracy, max_box_acc, off_target_share, pxap
+from acol_core.metrics import best_dice, classification_accuracy, max_box_acc, off_target_share, pxap
 from acol_core.models import create_model
 
 __all__ = [
@@ -224,6 +224,7 @@ def localization_metrics(
     metrics["max_box_acc_v2"] = max_box_acc(cams, boxes, (0.3, 0.5, 0.7), multi_contour=True, step=step)[
         "mean"
     ]
+    metrics["dice"] = best_dice(cams, masks, step=step)["dice"]
     if "anatomy_mask" in pred:
         anatomy = (pred["anatomy_mask"][keep] == 1).astype(np.uint8)
         metrics["off_target"] = off_target_share(cams, anatomy)
