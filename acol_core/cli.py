@@ -182,6 +182,62 @@ def tune(
     typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
 
 
+@app.command(
+    epilog="Example: acol localize --model runs/model.safetensors --data runs/data --output runs/pred --actors 2"
+)
+@clear_errors
+def localize(
+    model: str = typer.Option(..., help="model export (.safetensors; path or s3://)"),
+    data: str = typer.Option(..., help="dataset URI written by `acol prepare`"),
+    output: str = typer.Option(..., help="predictions folder to (re)write (path or s3://)"),
+    split: str = typer.Option("test", help="split(s) to localize: test, val,test or all"),
+    threshold: float | None = typer.Option(None, help="CAM threshold τ [default: the model's, else 0.5]"),
+    nifti_out: str | None = typer.Option(None, help="also write mask/CAM NIfTI volumes per subject here"),
+    nifti_orientation: str = typer.Option("original", help="original (source file's axes) or canonical (RAS)"),
+    actors: int = typer.Option(1, help="Ray Data actors, each holding one copy of the model"),
+    batch_size: int = typer.Option(32),
+    gpus_per_actor: float | None = typer.Option(None, help="[default: 1 when the Ray cluster has GPUs]"),
+    cpus_per_actor: float = typer.Option(0.5, help="fractional: Ray Data's readers and writers need CPUs too"),
+    gt_maps: bool = typer.Option(True, help="also store the labelled class's map where it differs (cam_gt)"),
+) -> None:
+    """Localize a split with Ray Data (an actor pool holds the model); prints a summary as JSON.
+
+    Writes one row per image (predicted class, softmax scores, CAM and mask PNGs at image size, boxes)
+    to OUTPUT, committed by _SUCCESS.json last; a rerun replaces the folder.
+    """
+    from acol_core.jobs.localize_job import run_localize
+
+    with _progress("localize") as progress:
+        result = run_localize(
+            model, data, output, split=split, threshold=threshold, actors=actors, batch_size=batch_size,
+            gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, gt_maps=gt_maps,
+            nifti_out=nifti_out, nifti_orientation=nifti_orientation, progress=progress,
+        )
+    typer.echo(json.dumps(result.to_dict(), indent=2))
+
+
+@app.command(epilog="Example: acol evaluate --predictions runs/pred --data runs/data --output runs/metrics.json")
+@clear_errors
+def evaluate(
+    predictions: str = typer.Option(..., help="predictions folder written by `acol localize`"),
+    data: str = typer.Option(..., help="the dataset the predictions were made on"),
+    split: str = typer.Option("test", help="split to score"),
+    val_predictions: str | None = typer.Option(
+        None, help="val predictions for the threshold choice [default: the val rows of --predictions, if any]"
+    ),
+    output: str | None = typer.Option(None, help="also write the JSON here (path or s3://)"),
+) -> None:
+    """Score predictions against the ground truth: accuracy, PxAP, MaxBoxAcc(V2), loc, Dice/IoU; JSON."""
+    from acol_core.evaluate import evaluate_predictions
+    from acol_core.storage import write_bytes
+
+    report = evaluate_predictions(predictions, data, split=split, val_predictions=val_predictions)
+    text = json.dumps(report, indent=2)
+    if output:
+        write_bytes(output, (text + "\n").encode())
+    typer.echo(text)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,295 @@
+"""Score a predictions folder against the dataset's ground truth: every metric of ``acol_core.metrics``.
+
+Protocol (wsolevaluation's): the CAM thresholds of the thresholded metrics (GT-known / top-1 loc, Dice,
+IoU) are chosen on the ``fullsup`` rows of the val split and applied to the evaluated split; PxAP and
+MaxBoxAcc(V2) are threshold-free (the maximum over thresholds). The val rows' predictions come from
+``val_predictions`` when given, else from the evaluated predictions folder itself when it holds val rows
+(``acol localize --split val,test``). Without any, the thresholds fall back to the one ``localize``
+used, and the report says so.
+
+Which rows count:
+- classification: every row with a label (``label >= 0``), overall and per class (per-class recall);
+- pixel metrics (PxAP, Dice, IoU): rows whose mask has object pixels (GT-known: the object is there);
+- box metrics (MaxBoxAcc, MaxBoxAccV2, GT-known loc, top-1 loc): rows with ground-truth boxes (the
+  ``boxes`` column, else the components of the mask);
+- off-target share: those object rows that have an ``anatomy_mask``.
+
+Maps: localisation is scored with the ground-truth class's map. ``localize`` stores the predicted
+class's map (``cam``) plus, where the label differs from the prediction, the GT class's map
+(``cam_gt``). Predictions written without GT maps (``--no-gt-maps``) have no ``cam_gt``: misclassified
+object rows are then scored with the predicted (wrong) class's map, which lowers the GT-known numbers;
+the report counts those rows in ``maps.object_rows_scored_with_predicted_class_map``.
+
+Examples:
+    >>> report = evaluate_predictions("runs/pred", "runs/data", split="test")  # doctest: +SKIP
+    >>> report["localization"]["overall"]["pxap"]                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from acol_core.data.codec import decode_png
+from acol_core.localize import boxes_from_mask
+from acol_core.metrics import (
+    best_dice,
+    classification_accuracy,
+    dice_iou_at,
+    gt_known_loc,
+    max_box_acc,
+    max_box_acc_v2,
+    off_target_share,
+    pxap,
+    top1_loc,
+)
+from acol_core.predictions import PredictionsError, read_predictions, read_success
+
+__all__ = ["evaluate_predictions", "localization_report", "select_thresholds"]
+
+_GT_COLUMNS = ["image_id", "label", "mask", "boxes", "anatomy_mask", "fullsup"]
+_PRED_COLUMNS = ["image_id", "pred_label", "cam", "cam_gt"]
+
+
+class _Maps(Sequence):
+    """uint8 maps (0..255) kept as is, seen as float maps in [0, 1] one at a time (4× less memory)."""
+
+    def __init__(self, maps: Sequence[np.ndarray]) -> None:
+        self._maps = list(maps)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        return self._maps[i].astype(np.float32) / 255.0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    def take(self, index: Sequence[int]) -> _Maps:
+        return _Maps([self._maps[i] for i in index])
+
+
+@dataclass
+class _Rows:
+    """The joined rows of one split: ground truth and the GT class's maps, at image resolution."""
+
+    image_ids: list[str]
+    labels: np.ndarray
+    preds: np.ndarray
+    maps: _Maps
+    masks: list[np.ndarray | None]
+    boxes: list[list[list[int]]]
+    anatomy: list[np.ndarray | None]
+    fullsup: np.ndarray
+    predicted_map_rows: int  # misclassified rows without a GT map (scored with the predicted class's map)
+
+    def take(self, index: Sequence[int]) -> _Rows:
+        return _Rows(
+            [self.image_ids[i] for i in index],
+            self.labels[list(index)],
+            self.preds[list(index)],
+            self.maps.take(index),
+            [self.masks[i] for i in index],
+            [self.boxes[i] for i in index],
+            [self.anatomy[i] for i in index],
+            self.fullsup[list(index)],
+            0,
+        )
+
+    def pixel_rows(self) -> list[int]:
+        return [i for i, m in enumerate(self.masks) if m is not None and (m == 1).any()]
+
+    def box_rows(self) -> list[int]:
+        return [i for i, b in enumerate(self.boxes) if b]
+
+
+def _decode_mask(data: bytes | None) -> np.ndarray | None:
+    if data is None:
+        return None
+    mask = decode_png(bytes(data))
+    return mask[..., 0] if mask.ndim == 3 else mask
+
+
+def _join(pred_uri: str, dataset: Any, split: str, required: bool) -> _Rows | None:
+    """Rows of ``split`` with their predictions; every row must have one when ``required``."""
+    gt = dataset.read_table(split=split, columns=_GT_COLUMNS).to_pylist()
+    pred = {r["image_id"]: r for r in read_predictions(pred_uri, columns=_PRED_COLUMNS).to_pylist()}
+    missing = [r["image_id"] for r in gt if r["image_id"] not in pred]
+    if missing and required:
+        raise PredictionsError(
+            f"{len(missing)} of {len(gt)} {split} rows have no prediction in {pred_uri} (e.g. {missing[0]!r}): "
+            f"localize --split {split} first"
+        )
+    rows = [r for r in gt if r["image_id"] in pred]
+    if not rows:
+        return None
+    maps, masks, boxes, anatomy, preds = [], [], [], [], []
+    predicted_map_rows = 0
+    for r in rows:
+        p = pred[r["image_id"]]
+        use_gt = p["cam_gt"] is not None
+        cam = decode_png(bytes(p["cam_gt"] if use_gt else p["cam"]))
+        mask = _decode_mask(r["mask"])
+        if mask is not None and mask.shape != cam.shape:
+            raise PredictionsError(
+                f"{r['image_id']}: map {cam.shape} and mask {mask.shape} differ: predictions of another dataset?"
+            )
+        gt_boxes = r["boxes"] if r["boxes"] else (boxes_from_mask(mask) if mask is not None else [])
+        if gt_boxes and r["label"] >= 0 and p["pred_label"] != r["label"] and not use_gt:
+            predicted_map_rows += 1
+        maps.append(cam)
+        masks.append(mask)
+        boxes.append(gt_boxes)
+        anatomy.append(_decode_mask(r["anatomy_mask"]))
+        preds.append(p["pred_label"])
+    return _Rows(
+        image_ids=[r["image_id"] for r in rows],
+        labels=np.array([r["label"] for r in rows], dtype=np.int64),
+        preds=np.array(preds, dtype=np.int64),
+        maps=_Maps(maps),
+        masks=masks,
+        boxes=boxes,
+        anatomy=anatomy,
+        fullsup=np.array([bool(r["fullsup"]) for r in rows]),
+        predicted_map_rows=predicted_map_rows,
+    )
+
+
+def select_thresholds(rows: _Rows | None, iou_threshold: float = 0.5, step: float = 0.01) -> dict[str, Any]:
+    """CAM thresholds chosen on the ``fullsup`` object rows: best box accuracy and best Dice."""
+    if rows is None:
+        return {"rows": 0}
+    chosen = rows.take([i for i in range(len(rows.image_ids)) if rows.fullsup[i]])
+    out: dict[str, Any] = {"rows": len(chosen.image_ids)}
+    box = chosen.box_rows()
+    if box:
+        sub = chosen.take(box)
+        acc = max_box_acc(sub.maps, sub.boxes, (iou_threshold,), step=step)
+        out["box_threshold"] = acc["best_threshold"][float(iou_threshold)]
+    pixel = chosen.pixel_rows()
+    if pixel:
+        sub = chosen.take(pixel)
+        out["dice_threshold"] = best_dice(sub.maps, [m for m in sub.masks], step=step)["threshold"]
+    return out
+
+
+def localization_report(
+    rows: _Rows, box_threshold: float, dice_threshold: float, iou_threshold: float = 0.5, step: float = 0.01
+) -> dict[str, Any]:
+    """Every localisation metric over ``rows`` (see the module docstring for which rows count)."""
+    out: dict[str, Any] = {}
+    pixel = rows.pixel_rows()
+    out["pixel_rows"] = len(pixel)
+    if pixel:
+        sub = rows.take(pixel)
+        masks = list(sub.masks)
+        out["pxap"] = pxap(sub.maps, masks, step=step)
+        out["best_dice"] = best_dice(sub.maps, masks, step=step)
+        out["dice_iou"] = {"threshold": dice_threshold, **dice_iou_at(sub.maps, masks, dice_threshold)}
+    box = rows.box_rows()
+    out["box_rows"] = len(box)
+    if box:
+        sub = rows.take(box)
+        acc = max_box_acc(sub.maps, sub.boxes, (iou_threshold,), step=step)
+        v2 = max_box_acc_v2(sub.maps, sub.boxes, step=step)
+        out["max_box_acc"] = acc["per_iou"][float(iou_threshold)]
+        out["max_box_acc_threshold"] = acc["best_threshold"][float(iou_threshold)]
+        out["max_box_acc_v2"] = v2["mean"]
+        out["max_box_acc_v2_per_iou"] = {str(k): v for k, v in v2["per_iou"].items()}
+        out["gt_known_loc"] = gt_known_loc(sub.maps, sub.boxes, box_threshold, iou_threshold)
+        out["top1_loc"] = top1_loc(sub.maps, sub.boxes, sub.preds, sub.labels, box_threshold, iou_threshold)
+        out["loc_threshold"] = box_threshold
+    localized = sorted(set(pixel) | set(box))
+    with_anatomy = [i for i in localized if rows.anatomy[i] is not None]
+    if with_anatomy:
+        sub = rows.take(with_anatomy)
+        anatomy = [(a == 1).astype(np.uint8) for a in sub.anatomy]
+        out["off_target_share"] = off_target_share(sub.maps, anatomy)
+        out["off_target_rows"] = len(with_anatomy)
+    return out
+
+
+def _classification(rows: _Rows, class_names: Sequence[str]) -> dict[str, Any]:
+    labelled = rows.labels >= 0
+    labels, preds = rows.labels[labelled], rows.preds[labelled]
+    per_class = {
+        name: classification_accuracy(preds[labels == k], labels[labels == k])
+        for k, name in enumerate(class_names)
+        if (labels == k).any()
+    }
+    return {
+        "rows": int(labelled.sum()),
+        "accuracy": classification_accuracy(preds, labels),
+        "per_class": per_class,
+    }
+
+
+def evaluate_predictions(
+    pred_uri: str,
+    data_uri: str,
+    split: str = "test",
+    val_predictions: str | None = None,
+    iou_threshold: float = 0.5,
+    step: float = 0.01,
+) -> dict[str, Any]:
+    """Join predictions with the dataset by ``image_id`` and compute every metric, as a JSON-ready dict.
+
+    Args:
+        pred_uri: a committed predictions folder covering every row of ``split``.
+        val_predictions: predictions of the val split for the threshold choice (default: ``pred_uri``'s
+            own val rows, if it has any).
+        iou_threshold: box IoU of MaxBoxAcc, GT-known and top-1 loc.
+        step: CAM threshold step.
+    """
+    from acol_core.data.shards import open_dataset
+
+    info = read_success(pred_uri)
+    dataset = open_dataset(data_uri, verify=False)
+    class_names = dataset.class_names or info.class_names
+    rows = _join(pred_uri, dataset, split, required=True)
+    if rows is None:
+        raise PredictionsError(f"split {split!r} of {data_uri} has no rows")
+    val_source = val_predictions or pred_uri
+    if val_predictions is not None:
+        read_success(val_predictions)
+    chosen = select_thresholds(_join(val_source, dataset, "val", required=False), iou_threshold, step)
+    if val_predictions is not None and chosen["rows"] == 0:
+        raise PredictionsError(f"{val_predictions} has no predictions for fullsup val rows of {data_uri}")
+    fallback = float(info.threshold)
+    box_threshold = chosen.get("box_threshold", fallback)
+    dice_threshold = chosen.get("dice_threshold", fallback)
+    per_class = {}
+    for k, name in enumerate(class_names):
+        index = [i for i in range(len(rows.image_ids)) if rows.labels[i] == k]
+        if index:
+            report = localization_report(rows.take(index), box_threshold, dice_threshold, iou_threshold, step)
+            if report["pixel_rows"] or report["box_rows"]:
+                per_class[name] = report
+    return {
+        "predictions": pred_uri,
+        "data": data_uri,
+        "split": split,
+        "rows": len(rows.image_ids),
+        "model": info.model,
+        "checkpoint": info.checkpoint,
+        "classification": _classification(rows, class_names),
+        "thresholds": {
+            "source": val_source if chosen["rows"] else "localize threshold (no fullsup val predictions)",
+            "fullsup_val_rows": chosen["rows"],
+            "box": box_threshold,
+            "dice": dice_threshold,
+            "localize": fallback,
+        },
+        "maps": {
+            "gt_maps": bool(info.extra.get("gt_maps", False)),
+            "object_rows_scored_with_predicted_class_map": rows.predicted_map_rows,
+        },
+        "localization": {
+            "overall": localization_report(rows, box_threshold, dice_threshold, iou_threshold, step),
+            "per_class": per_class,
+        },
+    }

@@ -1,0 +1,467 @@
+"""Batch localization: an exported model over a dataset split, with Ray Data or a plain loop.
+
+One machine (a local Ray starts in this process)::
+
+    acol localize --model runs/train/acol-train/checkpoint_x/model.safetensors --data runs/data \
+        --output runs/pred --split test --actors 2
+
+A cluster (``ray job submit`` sets RAY_ADDRESS; each actor takes one GPU when the cluster has GPUs)::
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- acol localize \
+        --model s3://bucket/runs/model.safetensors --data s3://bucket/mri --output s3://bucket/pred --actors 8
+
+Ray Data reads the dataset's shards (split filtered in the scan), an actor pool holds the model (loaded
+once per actor from its URI) and runs ``Localizer`` on batches; ``write_parquet`` writes to a staging
+folder inside the output, which ``acol_core.predictions.commit_predictions`` then commits
+(``_SUCCESS.json`` last). ``localize_plain`` runs the same ``Localizer`` in a plain loop, in process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from acol_core import storage
+from acol_core.data.codec import decode_png, encode_png
+from acol_core.data.schema import SPLITS
+from acol_core.data.transforms import prepare_image, standardize
+from acol_core.export import ExportedInfo, load_exported, read_export_info
+from acol_core.localize import cam_to_mask, mask_to_boxes, normalize_cam, resize_map
+from acol_core.predictions import (
+    PREDICTION_SCHEMA,
+    PredictionsInfo,
+    check_output,
+    commit_predictions,
+    empty_predictions,
+    encode_cam,
+    encode_mask,
+    predictions_to_nifti,
+    quantize_cam,
+    staging_uri,
+    volume_plan,
+)
+from acol_core.train import autocast, select_device
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "INPUT_COLUMNS",
+    "LocalizeResult",
+    "Localizer",
+    "localize_plain",
+    "localize_rows",
+    "model_threshold",
+    "parse_splits",
+    "run_localize",
+]
+
+DEFAULT_THRESHOLD = 0.5
+INPUT_COLUMNS = ["image_id", "image", "label", "subject_id", "slice_index"]
+
+
+@dataclass
+class LocalizeResult:
+    output: str
+    info: PredictionsInfo
+    seconds: float
+    nifti_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": self.output,
+            "rows": self.info.num_rows,
+            "files": len(self.info.files),
+            "splits": self.info.splits,
+            "threshold": self.info.threshold,
+            "model": self.info.model,
+            "checkpoint": self.info.checkpoint,
+            "seconds": round(self.seconds, 2),
+            "nifti_files": len(self.nifti_files),
+        }
+
+
+def parse_splits(split: str | Sequence[str]) -> list[str]:
+    """``"test"``, ``"val,test"`` or ``"all"`` -> a list of split names."""
+    names = split.split(",") if isinstance(split, str) else list(split)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return list(SPLITS)
+    bad = [n for n in names if n not in SPLITS]
+    if bad or not names:
+        raise ValueError(
+            f"split must be one or more of {', '.join(SPLITS)} (comma-separated) or 'all', got {split!r}"
+        )
+    return sorted(set(names), key=SPLITS.index)
+
+
+def model_threshold(info: ExportedInfo, threshold: float | None = None) -> float:
+    """The CAM threshold: the one given, else the export's ``extra["threshold"]``, else 0.5."""
+    value = threshold if threshold is not None else info.extra.get("threshold", DEFAULT_THRESHOLD)
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- the per-batch work
+
+
+def _maps_at_image_size(raw: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """Feature-resolution maps -> normalised maps at each image's own height × width."""
+    return [normalize_cam(resize_map(m, size)) for m, size in zip(raw, sizes, strict=True)]
+
+
+def _gt_class_maps(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    pred: np.ndarray,
+    labels: Sequence[int],
+    sizes: Sequence[tuple[int, int]],
+    num_classes: int,
+    amp: str,
+) -> list[bytes | None]:
+    """The labelled class's map (PNG) where a row's label differs from its prediction, else None.
+
+    Where they agree the predicted class's map is the labelled class's map already: no second pass.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    out: list[bytes | None] = [None] * len(pred)
+    redo = np.flatnonzero((labels >= 0) & (labels < num_classes) & (labels != pred))
+    if redo.size == 0:
+        return out
+    index = torch.from_numpy(redo).to(x.device)
+    with autocast(x.device, amp):
+        again = model(x[index], torch.from_numpy(labels[redo]).to(x.device))
+    maps = _maps_at_image_size(again["cam"].float().cpu().numpy(), [sizes[i] for i in redo])
+    for i, m in zip(redo, maps, strict=True):
+        out[i] = encode_cam(m)
+    return out
+
+
+@torch.no_grad()
+def localize_rows(
+    model: torch.nn.Module,
+    info: ExportedInfo,
+    rows: Mapping[str, Sequence[Any]],
+    threshold: float,
+    identity: tuple[str, str],
+    device: torch.device,
+    gt_maps: bool = True,
+) -> pa.Table:
+    """Dataset rows (``INPUT_COLUMNS``; lists or numpy arrays) -> a PREDICTION_SCHEMA table.
+
+    The map is the predicted class's (no label is used for it). With ``gt_maps``, rows whose label
+    differs from the prediction get a second forward pass with that label, stored as ``cam_gt``.
+    """
+    n = len(rows["image_id"])
+    if n == 0:
+        return empty_predictions()
+    cfg = info.config
+    images = [decode_png(bytes(b)) for b in rows["image"]]
+    sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
+    x = torch.from_numpy(
+        standardize(np.stack([prepare_image(im, cfg.in_channels, cfg.image_size) for im in images]))
+    )
+    x = x.to(device)
+    with autocast(device, cfg.amp):
+        out = model(x)
+    logits = out["logits"].float()
+    scores = torch.softmax(logits, dim=1).cpu().numpy()
+    pred = scores.argmax(axis=1)
+    cams = [quantize_cam(c) for c in _maps_at_image_size(out["cam"].float().cpu().numpy(), sizes)]
+    # The mask is thresholded on the stored (quantised) map, so the cam column reproduces it exactly.
+    masks = [cam_to_mask(c.astype(np.float64) / 255.0, threshold) for c in cams]
+    labels = rows.get("label") if gt_maps else None
+    cam_gt = (
+        _gt_class_maps(model, x, pred, labels, sizes, cfg.num_classes, cfg.amp)
+        if labels is not None
+        else [None] * n
+    )
+    model_name, checkpoint = identity
+    columns = {
+        "image_id": [str(v) for v in rows["image_id"]],
+        "pred_label": pred.astype(np.int32),
+        "scores": [s.astype(np.float32).tolist() for s in scores],
+        "cam": [encode_png(c) for c in cams],
+        "mask": [encode_mask(m) for m in masks],
+        "boxes": [mask_to_boxes(m, multi_contour=True) for m in masks],
+        "cam_gt": cam_gt,
+        "model": [model_name] * n,
+        "checkpoint": [checkpoint] * n,
+        "subject_id": [str(v) for v in rows["subject_id"]],
+        "slice_index": np.asarray(rows["slice_index"], dtype=np.int32),
+        "height": np.array([h for h, _ in sizes], dtype=np.int32),
+        "width": np.array([w for _, w in sizes], dtype=np.int32),
+    }
+    return pa.Table.from_pydict(columns, schema=PREDICTION_SCHEMA)
+
+
+class Localizer:
+    """The model, loaded once from its URI, applied to batches: a Ray Data actor, or a plain object.
+
+    Args:
+        model_uri: the ``.safetensors`` export (local path or s3://).
+        threshold: CAM threshold; None: the export's, else 0.5.
+        expected_sha256: refuse a model file that differs from the one the driver checked.
+        gt_maps: also store the ground-truth class's map where it differs (``cam_gt``).
+        device: ``auto`` (CUDA when visible), ``cpu``, ``cuda``.
+        num_threads: torch CPU threads (0: leave torch's default).
+    """
+
+    def __init__(
+        self,
+        model_uri: str,
+        threshold: float | None = None,
+        expected_sha256: str | None = None,
+        gt_maps: bool = True,
+        device: str = "auto",
+        num_threads: int = 0,
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        data = storage.read_bytes(model_uri)
+        checksum = hashlib.sha256(data).hexdigest()
+        if expected_sha256 is not None and checksum != expected_sha256:
+            raise RuntimeError(f"model file {model_uri} changed during the run (sha256 {checksum[:12]}…)")
+        self.device = select_device(device)
+        self.model, self.info = load_exported(data, device=self.device)
+        self.threshold = model_threshold(self.info, threshold)
+        self.identity = (self.info.config.model, checksum)
+        self.gt_maps = gt_maps
+
+    def __call__(self, batch: Mapping[str, Sequence[Any]]) -> pa.Table:
+        return localize_rows(
+            self.model, self.info, batch, self.threshold, self.identity, self.device, self.gt_maps
+        )
+
+
+# --------------------------------------------------------------------------- plain loop
+
+
+def localize_plain(
+    model_uri: str,
+    data_uri: str,
+    split: str | Sequence[str] = "test",
+    threshold: float | None = None,
+    batch_size: int = 32,
+    gt_maps: bool = True,
+    device: str = "auto",
+) -> pa.Table:
+    """Every row of the split(s), in this process, one batch at a time: the predictions table."""
+    from acol_core.data.shards import open_dataset
+
+    dataset = open_dataset(data_uri, verify=False)
+    localizer = Localizer(model_uri, threshold, gt_maps=gt_maps, device=device)
+    tables = []
+    for name in parse_splits(split):
+        table = dataset.read_table(split=name, columns=INPUT_COLUMNS)
+        for start in range(0, table.num_rows, batch_size):
+            tables.append(localizer(table.slice(start, batch_size).to_pydict()))
+    return pa.concat_tables(tables) if tables else empty_predictions()
+
+
+# --------------------------------------------------------------------------- Ray Data job
+
+
+@dataclass
+class _Checked:
+    """What the driver verified before any Ray work: the model's identity and the rows to expect."""
+
+    model_uri: str
+    info: ExportedInfo
+    checksum: str
+    threshold: float
+    splits: list[str]
+    rows: int
+    shard_paths: list[str]
+    filesystem: Any
+    class_names: list[str]
+
+
+def _absolute(uri: str) -> str:
+    """Local paths made absolute: Ray workers need not share the driver's working directory."""
+    return storage.resolve(uri)[1] if storage.is_local(uri) else uri
+
+
+def _check(
+    model_uri: str, data_uri: str, output_uri: str, split: str | Sequence[str], threshold: float | None
+) -> _Checked:
+    """Fail in the driver with one clear line, before Ray starts actors that would fail obscurely."""
+    from acol_core.data.shards import DatasetError, open_dataset
+
+    dataset = open_dataset(data_uri, verify=False)
+    splits = parse_splits(split)
+    rows = sum(dataset.manifest.split_counts.get(s, 0) for s in splits)
+    data = storage.read_bytes(model_uri)
+    info = read_export_info(data)
+    names = dataset.class_names
+    if names and len(names) != info.config.num_classes:
+        raise DatasetError(f"dataset has {len(names)} classes, the model {info.config.num_classes}")
+    check_output(output_uri, data_uri)
+    return _Checked(
+        model_uri=_absolute(model_uri),
+        info=info,
+        checksum=hashlib.sha256(data).hexdigest(),
+        threshold=model_threshold(info, threshold),
+        splits=splits,
+        rows=rows,
+        shard_paths=dataset.shard_paths(),
+        filesystem=dataset.filesystem,
+        class_names=list(info.class_names),
+    )
+
+
+def _watch(staging: str, total: int, progress: Callable[[int, int], None], stop: threading.Event) -> None:
+    """Report rows in files the writers have finished (their Parquet footers), every half second."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(staging)
+    counted: dict[str, int] = {}
+    reported = -1
+    while not stop.wait(0.5):
+        try:
+            names = storage.list_dir(staging)
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".parquet") and name not in counted:
+                try:
+                    counted[name] = pq.read_metadata(f"{path}/{name}", filesystem=fs).num_rows
+                except (OSError, pa.ArrowInvalid):
+                    pass  # still being written
+        done = min(sum(counted.values()), total)
+        if done != reported:
+            progress(done, total)
+            reported = done
+
+
+def _gpus_per_actor(requested: float | None) -> float:
+    import ray
+
+    if requested is not None:
+        return float(requested)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _build(checked: _Checked, actors: int, batch_size: int, gpus: float, cpus: float, gt_maps: bool) -> Any:
+    import ray.data
+    from ray.data.expressions import col
+
+    from acol_core.jobs import parquet_reader_v1
+
+    with parquet_reader_v1():
+        ds = ray.data.read_parquet(checked.shard_paths, filesystem=checked.filesystem)
+    # Ray 2.60 refuses read_parquet(filter=...); an expression filter is pushed down to the scan.
+    ds = ds.filter(expr=col("split").is_in(checked.splits)).select_columns(INPUT_COLUMNS)
+    return ds.map_batches(
+        Localizer,
+        fn_constructor_kwargs={
+            "model_uri": checked.model_uri,
+            "threshold": checked.threshold,
+            "expected_sha256": checked.checksum,
+            "gt_maps": gt_maps,
+            "device": "cuda" if gpus > 0 else "cpu",
+            "num_threads": max(1, int(cpus)),
+        },
+        # concurrency= is deprecated in Ray 2.60: a fixed-size pool is an ActorPoolStrategy.
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=cpus,
+        num_gpus=gpus,
+    )
+
+
+def run_localize(
+    model_uri: str,
+    data_uri: str,
+    output_uri: str,
+    split: str | Sequence[str] = "test",
+    threshold: float | None = None,
+    actors: int = 1,
+    batch_size: int = 32,
+    gpus_per_actor: float | None = None,
+    cpus_per_actor: float = 0.5,
+    gt_maps: bool = True,
+    nifti_out: str | None = None,
+    nifti_orientation: str = "original",
+    progress: Callable[[int, int], None] | None = None,
+) -> LocalizeResult:
+    """Localize every row of the split(s) with a Ray Data actor pool; commit the predictions folder.
+
+    Args:
+        actors: actor pool size (each holds one model copy).
+        gpus_per_actor: None: 1 when the Ray cluster has GPUs, else 0.
+        cpus_per_actor: fractional by default: Ray Data's read and write tasks need CPUs too (on a
+            2-CPU machine, actors at 1 CPU each leave none to the readers and the run stalls).
+        nifti_out: also write one mask and one CAM volume per subject there (NIfTI datasets).
+        nifti_orientation: ``original`` (the source file's axes and affine) or ``canonical`` (RAS).
+        progress: called as ``progress(rows_done, rows_total)`` while files are written.
+    """
+    import ray.data
+
+    from acol_core.jobs import ray_init
+
+    started = time.perf_counter()
+    if actors < 1 or batch_size < 1 or cpus_per_actor <= 0:
+        raise ValueError("actors and batch_size must be >= 1 and cpus_per_actor > 0")
+    checked = _check(model_uri, data_uri, output_uri, split, threshold)
+    plan = volume_plan(data_uri, checked.splits, nifti_orientation) if nifti_out else None
+    ray_init()
+    gpus = _gpus_per_actor(gpus_per_actor)
+    staging = staging_uri(output_uri)
+    fs, staging_path = storage.resolve(staging)
+    context = ray.data.DataContext.get_current()
+    bars, data_logger = context.enable_progress_bars, logging.getLogger("ray.data")
+    level = data_logger.level
+    stop = threading.Event()
+    watcher = None
+    if progress is not None:
+        # One progress line (ours), not Ray Data's bars and execution log lines as well.
+        context.enable_progress_bars = False
+        data_logger.setLevel(logging.WARNING)
+        watcher = threading.Thread(target=_watch, args=(staging, checked.rows, progress, stop), daemon=True)
+        watcher.start()
+    try:
+        ds = _build(checked, actors, batch_size, gpus, cpus_per_actor, gt_maps)
+        ds.write_parquet(staging_path, filesystem=fs)
+    except BaseException:
+        storage.delete(staging)
+        raise
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
+        context.enable_progress_bars = bars
+        data_logger.setLevel(level)
+    info = commit_predictions(
+        staging,
+        output_uri,
+        model=checked.info.config.model,
+        checkpoint=checked.checksum,
+        data=_absolute(data_uri),
+        splits=checked.splits,
+        threshold=checked.threshold,
+        class_names=checked.class_names,
+        expected_rows=checked.rows,
+        extra={
+            "model_uri": checked.model_uri,
+            "config": checked.info.config.to_dict(),
+            "gt_maps": gt_maps,
+            "actors": actors,
+        },
+    )
+    if progress is not None:
+        progress(info.num_rows, checked.rows)
+    files = (
+        predictions_to_nifti(output_uri, data_uri, nifti_out, nifti_orientation, plan) if nifti_out else []
+    )
+    return LocalizeResult(output_uri, info, time.perf_counter() - started, files)
