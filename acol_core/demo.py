@@ -1,6 +1,6 @@
 """`make demo`: the built-in MRI phantom end to end on this machine, no server needed.
 
-    python -m acol_core.demo [--out runs/demo] [--epochs 12] [--subjects 100] [--size 96]
+    python -m acol_core.demo [--out runs/demo] [--epochs 15] [--subjects 100] [--size 96]
 
 Generates the phantom into a Parquet dataset, trains each model (cam, acol, coatt, acol_coatt, and cam
 with the shared-anatomy label) on the ``tiny`` backbone, scores it on the test split against the
@@ -109,7 +109,7 @@ def run_demo(out: Path, epochs: int, subjects: int, slices: int = 8, size: int =
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--subjects", type=int, default=100)
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--size", type=int, default=96)
