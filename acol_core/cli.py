@@ -168,7 +168,7 @@ def tune(
     workers_per_trial: int = typer.Option(1, help="Ray Train workers per trial"),
     cpus_per_worker: float = typer.Option(0.5),
     gpus_per_worker: float = typer.Option(0.0),
-    max_concurrent_trials: int | None = typer.Option(None, help="default: what the cluster's CPUs allow"),
+    max_concurrent_trials: int | None = typer.Option(None, help="default: what the cluster holds"),
     seed: int = typer.Option(0, help="Optuna sampler seed"),
 ) -> None:
     """Sweep with Ray Tune (Optuna + ASHA), one Ray Train run per trial; prints the best config as JSON."""
