@@ -626,16 +626,21 @@ def _ray_init() -> None:
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
     # A new local Ray in this process, with its dashboard: Ray Train's placement-group cleaner (which
-    # frees a stopped trial's CPUs) queries the state API. Its address is fixed and put in RAY_ADDRESS
-    # before it starts, so that every Ray process inherits it: with no address, Ray processes look for
-    # "the" Ray on the host and fail when several run.
+    # frees the CPUs of a trial that Tune stopped) queries the state API. The address is chosen here and
+    # put in the environment the Ray processes inherit: without one, a Ray process looks for "the" Ray on
+    # the host and fails when several run. This process's own environment is left as it was.
     port = _free_port()
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
         ray.init(address="local", include_dashboard=True, dashboard_port=0, configure_logging=False)
     finally:
-        del os.environ["RAY_GCS_SERVER_PORT"]
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _free_port() -> int:
