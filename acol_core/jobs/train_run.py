@@ -19,7 +19,6 @@ from its latest checkpoint; ``max_failures`` restarts the worker group after a w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from acol_core.config import ConfigError, TrainConfig
+from acol_core.jobs import parquet_reader_v1, ray_init
 
 __all__ = [
     "HISTORY_FILE",
@@ -113,26 +113,6 @@ def _decode(
     return out
 
 
-@contextlib.contextmanager
-def _parquet_reader_v1() -> Iterator[None]:
-    """Build ``read_parquet`` datasets with Ray Data's V1 Parquet datasource.
-
-    Ray 2.60's default (V2) reader starts a pool of ``FooterReader`` actors, new processes, on every
-    execution, i.e. every epoch of every dataset: measured here 7-16 s per epoch against 0.2-0.4 s with
-    V1 for the same 3 shards. The choice is made when the dataset is built, so the flag is restored
-    right after and other Ray Data users in this process keep the default.
-    """
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    previous = context.use_datasource_v2
-    context.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        context.use_datasource_v2 = previous
-
-
 def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = False) -> dict[str, Any]:
     """Lazy Ray Datasets: ``train`` (decoded, augmented) and ``val`` (decoded, with masks), if present.
 
@@ -153,7 +133,7 @@ def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = Fal
     for split, augment in (("train", config.augment), ("val", False)):
         if not counts.get(split):
             continue
-        with _parquet_reader_v1():
+        with parquet_reader_v1():
             ds = ray.data.read_parquet(dataset.shard_paths(), filesystem=dataset.filesystem, shuffle=shuffle)
         ds = ds.filter(expr=col("split") == lit(split)).select_columns(_COLUMNS)
         datasets[split] = ds.map_batches(
@@ -281,20 +261,6 @@ class _StateModule:
 # --------------------------------------------------------------------------- the driver
 
 
-def _ray_init() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        # address="local": a new Ray in this process, never some other Ray found on the host. No
-        # dashboard, so `make demo` and tests need no free ports beyond Ray's own. Workers inherit this
-        # process's environment (AWS_* for s3:// URIs included).
-        ray.init(address="local", include_dashboard=False, configure_logging=False)
-
-
 def _check_inputs(config: TrainConfig, options: RunOptions) -> None:
     """Fail in the driver with one clear line, before Ray starts workers that would fail obscurely."""
     from acol_core.models import list_models
@@ -324,7 +290,7 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
         raise ValueError(f"{options.data}: the dataset has no 'train' rows")
     if len(manifest.class_names) != config.num_classes:
         config = config.replace(num_classes=len(manifest.class_names))
-    _ray_init()
+    ray_init()
     datasets = build_datasets(options.data, config, options.deterministic)
     has_val = "val" in datasets
     score = options.score_metric or ("val_pxap" if manifest.counts.get("fullsup") else "val_accuracy")
