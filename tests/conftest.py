@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,16 @@ import pytest
 FAKE_ACCESS_KEY = "AKIAACOLFLOWTESTKEY0"
 FAKE_SECRET_KEY = "acolflow-FAKE-secret-7Qx9Zt2Lm4Vb8Np1"
 TEST_BUCKET = "acol-test"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One Ray auth token for every local Ray this test process starts.
+
+    Ray reads the token once per process and keeps it: a second local Ray started in the same process
+    with another token fails with ``AuthenticationError: InvalidAuthToken``. Setting it here, before any
+    test starts Ray, also keeps Ray from writing ``~/.ray/auth_token``. Subprocesses inherit it.
+    """
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 def _moto_server_binary() -> str | None:

@@ -9,7 +9,6 @@ timeout, so a hang fails the test instead of blocking the suite.
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import tempfile
 import threading
@@ -118,7 +117,6 @@ def local_ray(s3_server: str) -> Iterator[None]:
     temp_dir = tempfile.mkdtemp(prefix="alz", dir="/tmp")
     env = pytest.MonkeyPatch()
     env.delenv("RAY_AUTH_MODE", raising=False)
-    env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     env.delenv("RAY_ADDRESS", raising=False)
     if ray.is_initialized():
         ray.shutdown()

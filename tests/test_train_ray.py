@@ -8,7 +8,6 @@ Every Ray step runs under a timeout, so a hang fails the test instead of blockin
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import tempfile
 import threading
@@ -87,9 +86,8 @@ def local_ray(s3_server: str) -> Iterator[None]:
     temp_dir = tempfile.mkdtemp(prefix="acr", dir="/tmp")
     env = pytest.MonkeyPatch()
     # Token auth stays on (ray.init's default for a new local Ray; it sets RAY_AUTH_MODE itself, and only
-    # then re-reads its config), with a token of our own: it would otherwise create ~/.ray/auth_token.
+    # then re-reads its config), with the test session's token (conftest.py: one per process).
     env.delenv("RAY_AUTH_MODE", raising=False)
-    env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     env.delenv("RAY_ADDRESS", raising=False)
     if ray.is_initialized():
         ray.shutdown()
