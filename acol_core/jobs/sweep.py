@@ -484,71 +484,6 @@ class TrialReporter(TuneReportCallback):
         write_bytes(join(self.completion_uri, f"{uuid.uuid4().hex}.json"), json.dumps(record).encode())
 
 
-def _train_with_reporter(config: TrainConfig, options: Any, reporter: TrialReporter) -> Any:
-    """``run_training`` with ``reporter`` among the Ray Train callbacks."""
-    from acol_core.jobs import train_run
-
-    if "callbacks" in {f.name for f in dataclasses.fields(train_run.RunOptions)}:
-        return train_run.run_training(config, dataclasses.replace(options, callbacks=[reporter]))
-    return _run_training_with_callbacks(config, options, [reporter])
-
-
-def _run_training_with_callbacks(config: TrainConfig, options: Any, callbacks: list[Any]) -> Any:
-    """``train_run.run_training`` plus ``RunConfig(callbacks=...)``.
-
-    TEMPORARY: delete once ``RunOptions`` has a ``callbacks`` field that ``run_training`` passes to
-    ``ray.train.RunConfig`` (Ray Train V2 takes user callbacks only there; its RAY_TRAIN_CALLBACKS
-    variable installs internal callbacks, whose hooks TuneReportCallback does not implement).
-    """
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from acol_core.data.shards import read_manifest
-    from acol_core.jobs import train_run
-    from acol_core.storage import resolve
-
-    train_run._check_inputs(config, options)
-    manifest = read_manifest(options.data)
-    if len(manifest.class_names) != config.num_classes:
-        config = config.replace(num_classes=len(manifest.class_names))
-    datasets = train_run.build_datasets(options.data, config, options.deterministic)
-    has_val = "val" in datasets
-    score = options.score_metric if has_val else "epoch"
-    fs, storage_path = resolve(options.storage)
-    use_gpu = options.gpus_per_worker > 0
-    resources = {"CPU": options.cpus_per_worker} | ({"GPU": options.gpus_per_worker} if use_gpu else {})
-    trainer = TorchTrainer(
-        train_run.train_loop_per_worker,
-        train_loop_config={
-            "train": config.to_dict(),
-            "class_names": list(manifest.class_names),
-            "has_val": has_val,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=options.name,
-            storage_path=storage_path,
-            storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=options.keep_checkpoints,
-                checkpoint_score_attribute=score,
-                checkpoint_score_order="max",
-            ),
-            failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
-            callbacks=callbacks,
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"], execution_options=ray.data.ExecutionOptions(preserve_order=False)
-        ),
-    )
-    return train_run._summarize(trainer.fit(), options, storage_path, score)
-
-
 def _completion_uri(sweep_uri: str, trial_id: str) -> str:
     from acol_core.storage import join
 
@@ -566,7 +501,7 @@ def _sweep_trial(params: dict[str, Any], settings: _TrialSettings) -> None:
     """The Tune function trainable: one Ray Train run named after the trial (a retry resumes it)."""
     import ray.tune
 
-    from acol_core.jobs.train_run import RunOptions
+    from acol_core.jobs.train_run import RunOptions, run_training
     from acol_core.storage import join
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -587,14 +522,16 @@ def _sweep_trial(params: dict[str, Any], settings: _TrialSettings) -> None:
         gpus_per_worker=settings.gpus_per_worker,
         max_failures=settings.max_failures,
         score_metric=settings.space.metric,
+        callbacks=[
+            TrialReporter(
+                tags={"sweep": settings.sweep, "trial": trial_id, "model": config.model},
+                completion_uri=_completion_uri(settings.sweep_uri, trial_id),
+                epochs=config.epochs,
+                storage_uri=settings.storage_uri,
+            )
+        ],
     )
-    reporter = TrialReporter(
-        tags={"sweep": settings.sweep, "trial": trial_id, "model": config.model},
-        completion_uri=_completion_uri(settings.sweep_uri, trial_id),
-        epochs=config.epochs,
-        storage_uri=settings.storage_uri,
-    )
-    _train_with_reporter(config, options, reporter)
+    run_training(config, options)
 
 
 def _plain(metrics: Mapping[str, Any]) -> dict[str, Any]:

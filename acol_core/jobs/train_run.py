@@ -67,6 +67,8 @@ class RunOptions:
             block order; costs some throughput). With ``augment=False`` two runs with one seed then give
             the same weights, resumed or not.
         extra_env: environment variables for the train workers (on a cluster whose nodes lack them).
+        callbacks: Ray Train ``UserCallback``s, passed to ``RunConfig(callbacks=...)`` (the sweep's trial
+            reporter is one; Train V2 takes user callbacks only there).
         fault_injection: TEST ONLY. ``{"rank", "epoch", "after_batches", "marker"}``: that rank SIGKILLs
             itself in that epoch after that many batches, unless the marker file exists (it creates the
             marker first, so the restarted attempt runs through). Needs storage every worker can see.
@@ -83,6 +85,7 @@ class RunOptions:
     score_metric: str | None = None
     deterministic: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
+    callbacks: list[Any] = field(default_factory=list)
     fault_injection: dict[str, Any] | None = None
 
 
@@ -319,6 +322,7 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
             ),
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
             worker_runtime_env={"env_vars": dict(options.extra_env)} if options.extra_env else None,
+            callbacks=list(options.callbacks) or None,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
