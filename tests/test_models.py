@@ -19,6 +19,7 @@ from acol_core.models import (
     create_model,
     erase_features,
     erase_mask,
+    fuse_maps,
     fuse_max,
     list_backbones,
     list_models,
@@ -254,7 +255,7 @@ def test_param_groups_split_backbone_and_heads(built: tuple[WsolModel, torch.Ten
     torch.optim.SGD(groups, lr=0.01)  # the groups are valid optimiser input
 
 
-def _tiny(name: str, **options: float) -> WsolModel:
+def _tiny(name: str, **options: float | str) -> WsolModel:
     torch.manual_seed(1)
     return create_model(name, NUM_CLASSES, in_channels=1, backbone="tiny", **options).eval()
 
@@ -291,6 +292,35 @@ def test_acol_erases_target_region_and_fuses_with_max(use_labels: bool) -> None:
     assert torch.allclose(out["logits"], out["branch_logits"][0])
     fused = torch.maximum(norm_a, normalize_maps(select_class_maps(maps_b, target)))
     assert torch.allclose(out["cam"], fused, atol=1e-6)
+
+
+def test_fusions_on_hand_built_maps() -> None:
+    a = torch.tensor([[[4.0, 0.0], [2.0, 0.0]]])
+    b = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])  # weak evidence where A has none
+    assert torch.equal(fuse_maps(a, b, "max"), torch.tensor([[[1.0, 1.0], [0.5, 0.0]]]))
+    assert torch.equal(fuse_maps(a, b, "mean"), torch.tensor([[[0.5, 0.5], [0.25, 0.0]]]))
+    assert torch.equal(fuse_maps(a, b, "joint"), torch.tensor([[[1.0, 0.25], [0.5, 0.0]]]))
+    assert torch.equal(fuse_maps(a, b, "a"), torch.tensor([[[1.0, 0.0], [0.5, 0.0]]]))
+    given = torch.full_like(a, 0.25)
+    assert torch.equal(fuse_maps(a, b, "max", norm_a=given), torch.tensor([[[0.25, 1.0], [0.25, 0.25]]]))
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        fuse_maps(a, b, "sum")
+
+
+@pytest.mark.parametrize("name", ["acol", "acol_coatt"])
+@pytest.mark.parametrize("fusion", ["mean", "joint", "a"])
+def test_fusion_option_sets_the_cam(name: str, fusion: str) -> None:
+    model, x, labels = (
+        _tiny(name, delta=0.5, fusion=fusion),
+        torch.randn(4, 1, 32, 32),
+        torch.tensor([0, 1, 2, 1]),
+    )
+    with torch.no_grad():
+        out = model(x, labels)
+    maps_a, maps_b = (select_class_maps(out["maps"][k], labels) for k in ("a", "b"))
+    assert torch.allclose(out["cam"], fuse_maps(maps_a, maps_b, fusion), atol=1e-6)
+    with pytest.raises(ValueError, match="fusion"):
+        _tiny(name, fusion="sum")
 
 
 def test_constant_input_gives_all_zero_cam() -> None:

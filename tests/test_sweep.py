@@ -38,7 +38,7 @@ from acol_core.jobs.sweep import (
     parse_space,
     write_sweep_outputs,
 )
-from acol_core.models import create_model
+from acol_core.models import FUSIONS, create_model
 from acol_core.storage import list_dir, read_bytes, write_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +106,8 @@ def test_mri_space_covers_the_issue_options() -> None:
     assert space.models() == ["cam", "acol", "coatt", "acol_coatt"]
     assert space.params["delta"].when == {"model": ("acol", "acol_coatt")}
     assert space.params["pair_policy"].when == {"model": ("coatt", "acol_coatt")}
+    assert space.params["fusion"].when == {"model": ("acol", "acol_coatt")}
+    assert set(space.params["fusion"].choices) == set(FUSIONS)
     for name in ("backbone", "head_width", "head_depth", "shared_anatomy", "lr", "weight_decay", "epochs"):
         assert name in space.params
     assert space.params["lr"].kind == "loguniform" and space.max_epochs() == 20

@@ -24,7 +24,7 @@ from .coattention import (
     pair_targets,
     sample_partners,
 )
-from .erase import erase_features, erase_mask, fuse_max, normalize_maps, select_class_maps
+from .erase import FUSIONS, erase_features, erase_mask, fuse_maps, fuse_max, normalize_maps, select_class_maps
 from .heads import AcolModel, CamModel, ClassMapHead, WsolModel, multi_hot_targets
 from .pretrained import adapt_first_conv, load_pretrained
 from .registry import (
@@ -58,6 +58,8 @@ __all__ = [
     "create_model",
     "erase_features",
     "erase_mask",
+    "FUSIONS",
+    "fuse_maps",
     "fuse_max",
     "list_backbones",
     "list_models",

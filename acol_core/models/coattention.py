@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Backbone
-from .erase import check_delta, erase_features, fuse_max, normalize_maps, select_class_maps
+from .erase import check_delta, check_fusion, erase_features, fuse_maps, normalize_maps, select_class_maps
 from .heads import ClassMapHead, WsolModel, gap, head_size
 from .registry import register_model
 
@@ -375,12 +375,16 @@ class AcolCoattModel(CoattModel):
         *,
         delta: float = 0.6,
         w_erased: float = 1.0,
+        fusion: str = "max",
         head_width: int,
         head_depth: int,
         **options: Any,
     ) -> None:
         super().__init__(backbone, num_classes, head_width=head_width, head_depth=head_depth, **options)
         self.delta = check_delta(delta)
+        self.fusion = check_fusion(fusion)
+        if self.fusion == "joint" and self.infer_partners:
+            raise ValueError("fusion='joint' fuses the raw single-image maps: it needs infer_partners=0")
         self.head_b = ClassMapHead(backbone.out_channels, self.num_outputs, head_width, head_depth)
         self.loss_weights["sm_b"] = _check_weights(w_erased=w_erased)["w_erased"]
 
@@ -396,7 +400,8 @@ class AcolCoattModel(CoattModel):
         maps_b = self.head_b(erase_features(backbone_features, norm_a, self.delta))
         with torch.no_grad():
             cam_a = self._anchor_map(features, maps_a, logits_a, target) if self.infer_partners else norm_a
-            cam = fuse_max(cam_a, normalize_maps(select_class_maps(maps_b, target)))
+            raw_a, raw_b = select_class_maps(maps_a, target), select_class_maps(maps_b, target)
+            cam = fuse_maps(raw_a, raw_b, self.fusion, cam_a)
         maps = {"a": maps_a, "common": maps_common, "contrast": maps_contrast, "b": maps_b}
         return {
             "logits": self.class_logits(logits_a),
@@ -461,16 +466,18 @@ def acol_coatt(
     w_common: float = 1.0,
     w_contrast: float = 1.0,
     w_erased: float = 1.0,
+    fusion: str = "max",
     infer_partners: int = 0,
     shared_anatomy: bool = False,
 ) -> AcolCoattModel:
-    """ACoL's erased branch B on a co-attention branch A; `w_erased` weighs B's loss."""
+    """ACoL's erased branch B on a co-attention branch A; `w_erased` weighs B's loss, `fusion` as ACoL's."""
     width, depth = head_size(backbone, head_width, head_depth)
     return AcolCoattModel(
         backbone,
         num_classes,
         delta=delta,
         w_erased=w_erased,
+        fusion=fusion,
         pair_policy=pair_policy,
         head_width=width,
         head_depth=depth,

@@ -22,10 +22,17 @@ __all__ = [
     "check_delta",
     "erase_features",
     "erase_mask",
+    "FUSIONS",
+    "check_fusion",
+    "fuse_maps",
     "fuse_max",
     "normalize_maps",
     "select_class_maps",
 ]
+
+
+# How a two-branch model (ACoL, ACoL on co-attention) turns its branches' maps into one localisation map.
+FUSIONS = ("max", "mean", "joint", "a")
 
 
 def check_delta(delta: float) -> float:
@@ -104,3 +111,43 @@ def fuse_max(a: Tensor, b: Tensor) -> Tensor:
     if a.shape != b.shape:
         raise ValueError(f"maps to fuse must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     return torch.maximum(a, b)
+
+
+def check_fusion(fusion: str) -> str:
+    """Return `fusion` if it is one of `FUSIONS`, else raise ValueError naming them."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    return fusion
+
+
+def fuse_maps(map_a: Tensor, map_b: Tensor, fusion: str, norm_a: Tensor | None = None) -> Tensor:
+    """One localisation map in [0, 1] from the raw target-class maps of branches A and B (N×h×w).
+
+    - ``max``: ACoL's rule, max(norm A, norm B), each branch min-max normalised on its own.
+    - ``mean``: (norm A + norm B) / 2.
+    - ``joint``: norm(max(A, B)): the raw maps on one scale. A branch with no evidence (flat, small
+      values) stays small instead of being stretched to [0, 1] by its own normalisation.
+    - ``a``: norm A only (B then only shapes the shared features during training).
+
+    `norm_a` replaces norm(A) in ``max``/``mean``/``a`` (a partner-averaged map, say); ``joint`` uses
+    the raw maps.
+
+    Examples:
+        >>> a = torch.tensor([[[4.0, 0.0, 0.0]]]); b = torch.tensor([[[0.0, 1.0, 0.0]]])  # B: weak evidence
+        >>> fuse_maps(a, b, "max"), fuse_maps(a, b, "joint")
+        (tensor([[[1., 1., 0.]]]), tensor([[[1.0000, 0.2500, 0.0000]]]))
+    """
+    check_fusion(fusion)
+    if fusion == "joint":
+        if map_a.shape != map_b.shape:
+            raise ValueError(
+                f"maps to fuse must have the same shape, got {tuple(map_a.shape)} and {tuple(map_b.shape)}"
+            )
+        return normalize_maps(torch.maximum(map_a.float(), map_b.float()))
+    first = normalize_maps(map_a) if norm_a is None else norm_a
+    if fusion == "a":
+        return first
+    second = normalize_maps(map_b)
+    if fusion == "mean":
+        return (first + second) / 2
+    return fuse_max(first, second)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Backbone
-from .erase import check_delta, erase_features, fuse_max, normalize_maps, select_class_maps
+from .erase import check_delta, check_fusion, erase_features, fuse_maps, normalize_maps, select_class_maps
 from .registry import register_model
 
 __all__ = [
@@ -210,7 +210,8 @@ class AcolModel(WsolModel):
     """ACoL: branch A finds the most discriminative region; branch B sees the features with it erased.
 
     A's map for the target class (label in training, predicted class otherwise) is min-max normalised
-    and positions >= `delta` are zeroed in B's input; the localisation map is max(norm M_A, norm M_B).
+    and positions >= `delta` are zeroed in B's input; the localisation map fuses A's and B's maps by
+    `fusion` (`erase.fuse_maps`; ``max``, ACoL's max(norm M_A, norm M_B), by default).
     "logits" are A's, since A's prediction picks the erased region when no label is given.
     """
 
@@ -224,9 +225,11 @@ class AcolModel(WsolModel):
         head_width: int,
         head_depth: int,
         shared_anatomy: bool = False,
+        fusion: str = "max",
     ) -> None:
         super().__init__(backbone, num_classes, shared_anatomy)
         self.delta = check_delta(delta)
+        self.fusion = check_fusion(fusion)
         self.head_a = ClassMapHead(backbone.out_channels, self.num_outputs, head_width, head_depth)
         self.head_b = ClassMapHead(backbone.out_channels, self.num_outputs, head_width, head_depth)
 
@@ -240,7 +243,9 @@ class AcolModel(WsolModel):
         maps_b = self.head_b(erase_features(features, norm_a, self.delta))
         logits_b = gap(maps_b)
         with torch.no_grad():
-            cam = fuse_max(norm_a, normalize_maps(select_class_maps(maps_b, target)))
+            cam = fuse_maps(
+                select_class_maps(maps_a, target), select_class_maps(maps_b, target), self.fusion, norm_a
+            )
         return {
             "logits": self.class_logits(logits_a),
             "branch_logits": [logits_a, logits_b],
@@ -279,8 +284,9 @@ def acol(
     head_width: int | None = None,
     head_depth: int | None = None,
     shared_anatomy: bool = False,
+    fusion: str = "max",
 ) -> AcolModel:
-    """ACoL with erase threshold `delta` in (0, 1); head size defaults as for `cam`."""
+    """ACoL with erase threshold `delta` in (0, 1) and map `fusion` (max, mean, joint, a); head as `cam`'s."""
     return AcolModel(
-        backbone, num_classes, delta, *head_size(backbone, head_width, head_depth), shared_anatomy
+        backbone, num_classes, delta, *head_size(backbone, head_width, head_depth), shared_anatomy, fusion
     )
