@@ -3,8 +3,9 @@
     acol prepare --source phantom --output runs/data
     acol train --data runs/data --model acol --backbone tiny --storage runs/train --workers 2
 
-Errors are one line on stderr and a non-zero exit; the Ray adapters are imported only by the verbs
-that need them.
+Errors are one line on stderr (``acol VERB: error: ...``) and a non-zero exit: 2 for inputs and
+settings that cannot be used, 1 for a run that started and failed (its checkpoints are kept). The Ray
+adapters are imported only by the verbs that need them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 
@@ -24,25 +25,46 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    import yaml
+
     from acol_core.config import ConfigError
     from acol_core.data.shards import DatasetError
     from acol_core.data.sources import DataSourceError
     from acol_core.export import ExportError
     from acol_core.storage import StorageError
 
-    return (ConfigError, DatasetError, DataSourceError, ExportError, StorageError, ValueError, FileNotFoundError)
+    parsing = (ValueError, FileNotFoundError, yaml.YAMLError)  # bad values, missing files, broken YAML
+    return (ConfigError, DatasetError, DataSourceError, ExportError, StorageError, *parsing)
+
+
+def _run_failures() -> tuple[type[BaseException], ...]:
+    """Errors of runs that started (exit code 1); only modules already loaded can have raised them."""
+    names = {"acol_core.jobs.localize_job": "LocalizeError", "acol_core.jobs.train_run": "TrainingError"}
+    return tuple(getattr(sys.modules[m], n) for m, n in names.items() if m in sys.modules)
+
+
+def _fail(verb: str, exc: BaseException, code: int) -> NoReturn:
+    # Messages quoting files (YAML errors, Ray reports) span lines: the contract is one line.
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        # Worker output Ray forwarded to stderr (progress bars) may have left the last line open.
+        typer.echo("", err=True)
+    typer.echo(f"acol {verb}: error: {message}", err=True)
+    raise typer.Exit(code)
 
 
 def clear_errors(fn: F) -> F:
-    """Known failures become one line on stderr and exit code 2 (no traceback)."""
+    """Known failures become one line on stderr and a non-zero exit code (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except _run_failures() as exc:
+            _fail(fn.__name__, exc, 1)
         except _user_errors() as exc:
-            typer.echo(f"acol {fn.__name__}: error: {exc}", err=True)
-            raise typer.Exit(2) from None
+            _fail(fn.__name__, exc, 2)
 
     return wrapper  # type: ignore[return-value]
 

@@ -83,7 +83,20 @@ def _parse_header(data: bytes) -> dict[str, Any]:
         raise ExportError("not an acol-flow model export (no acol_flow metadata)") from exc
     if info.get("format") != EXPORT_FORMAT:
         raise ExportError(f"unsupported export format {info.get('format')!r}, expected {EXPORT_FORMAT}")
+    _check_length(header, len(data) - 8 - size)
     return info
+
+
+def _check_length(header: dict[str, Any], body: int) -> None:
+    """The tensors' byte ranges must cover the rest of the file exactly: a cut file fails here, where
+    the header alone is read (the driver's checks), not later in every worker that loads it."""
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ExportError("not a safetensors file (bad tensor entry in the header)") from exc
+    if end != body:
+        what = "is truncated" if end > body else "has trailing bytes"
+        raise ExportError(f"damaged model export: the file {what} ({body} data bytes, tensors need {end})")
 
 
 def read_export_info(data: bytes) -> ExportedInfo:

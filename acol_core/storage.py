@@ -11,9 +11,11 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -35,7 +37,19 @@ __all__ = [
 
 
 class StorageError(RuntimeError):
-    """A URI that cannot be used: bad form, unreachable endpoint, missing bucket."""
+    """A URI that cannot be used: bad form, unreachable endpoint, missing bucket, a failed read or write."""
+
+
+@contextlib.contextmanager
+def _storage_errors(action: str, uri: str) -> Iterator[None]:
+    """pyarrow's OSErrors (endpoint down, write refused, disk full) as one-line StorageErrors.
+
+    The message names the URI (never credentials: URIs with them are refused) and pyarrow's first line.
+    """
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"cannot {action} {uri}: {_short_reason(exc)}") from exc
 
 
 def _scheme(uri: str) -> str:
@@ -135,7 +149,8 @@ def join(uri: str, *parts: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with _storage_errors("look up", uri):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def read_bytes(uri: str) -> bytes:
@@ -145,21 +160,30 @@ def read_bytes(uri: str) -> bytes:
             return f.read()
     except FileNotFoundError as exc:
         raise StorageError(f"not found: {uri}") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot read {uri}: {_short_reason(exc)}") from exc
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a file atomically: a temporary sibling first, then a move onto the final name."""
+    """Write a file atomically: a temporary sibling first, then a move onto the final name.
+
+    On failure the final name is untouched (an old file stays whole) and the temporary one is removed
+    when the store still answers.
+    """
     fs, path = resolve(uri)
-    if is_local(uri):
-        fs.create_dir(os.path.dirname(path), recursive=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
-    except BaseException:
-        _delete_path(fs, tmp)
-        raise
+    with _storage_errors("write", uri):
+        if is_local(uri):
+            fs.create_dir(os.path.dirname(path), recursive=True)
+        try:
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            fs.move(tmp, path)
+        except BaseException:
+            # The store may be what failed: cleaning up must not replace the error being raised.
+            with contextlib.suppress(OSError):
+                _delete_path(fs, tmp)
+            raise
 
 
 def _delete_path(fs: pafs.FileSystem, path: str) -> None:
@@ -173,13 +197,15 @@ def _delete_path(fs: pafs.FileSystem, path: str) -> None:
 def delete(uri: str) -> None:
     """Delete a file or a folder tree; a missing path is not an error."""
     fs, path = resolve(uri)
-    _delete_path(fs, path)
+    with _storage_errors("delete", uri):
+        _delete_path(fs, path)
 
 
 def list_dir(uri: str) -> list[str]:
     """Sorted names (not paths) directly under a folder; [] when it does not exist."""
     fs, path = resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    with _storage_errors("list", uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
     return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
 
 
@@ -203,7 +229,7 @@ def check_reachable(uri: str) -> None:
 
 def _short_reason(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:200]
+    return text[:300]
 
 
 def fsspec_filesystem(uri: str) -> tuple[Any, str]:

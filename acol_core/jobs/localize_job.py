@@ -52,8 +52,10 @@ from acol_core.predictions import (
 from acol_core.train import autocast, select_device
 
 __all__ = [
+    "ACTOR_RESTARTS",
     "DEFAULT_THRESHOLD",
     "INPUT_COLUMNS",
+    "LocalizeError",
     "LocalizeResult",
     "Localizer",
     "localize_plain",
@@ -64,7 +66,12 @@ __all__ = [
 ]
 
 DEFAULT_THRESHOLD = 0.5
+ACTOR_RESTARTS = 3  # per actor; a lost batch is retried as often
 INPUT_COLUMNS = ["image_id", "image", "label", "subject_id", "slice_index"]
+
+
+class LocalizeError(RuntimeError):
+    """The Ray Data job failed (actors kept dying, a batch kept failing); nothing was committed."""
 
 
 @dataclass
@@ -214,6 +221,9 @@ class Localizer:
         gt_maps: also store the ground-truth class's map where it differs (``cam_gt``).
         device: ``auto`` (CUDA when visible), ``cpu``, ``cuda``.
         num_threads: torch CPU threads (0: leave torch's default).
+        fault_injection: TEST ONLY. ``{"image_id", "times", "marker_dir"}``: the process SIGKILLs
+            itself (no cleanup, like an OOM kill) when a batch holds that row, at most ``times`` times
+            in all (counted as files in ``marker_dir``, a folder every actor can see).
     """
 
     def __init__(
@@ -224,7 +234,9 @@ class Localizer:
         gt_maps: bool = True,
         device: str = "auto",
         num_threads: int = 0,
+        fault_injection: dict[str, Any] | None = None,
     ) -> None:
+        self._fault = fault_injection
         if num_threads:
             torch.set_num_threads(num_threads)
         data = storage.read_bytes(model_uri)
@@ -238,9 +250,24 @@ class Localizer:
         self.gt_maps = gt_maps
 
     def __call__(self, batch: Mapping[str, Sequence[Any]]) -> pa.Table:
+        if self._fault and self._fault["image_id"] in [str(v) for v in batch["image_id"]]:
+            _die(self._fault["marker_dir"], int(self._fault["times"]))
         return localize_rows(
             self.model, self.info, batch, self.threshold, self.identity, self.device, self.gt_maps
         )
+
+
+def _die(marker_dir: str, times: int) -> None:
+    """TEST ONLY: SIGKILL this process unless ``marker_dir`` already counts ``times`` deaths."""
+    import os
+    import signal
+    import uuid
+    from pathlib import Path
+
+    folder = Path(marker_dir)
+    if len(list(folder.iterdir())) < times:
+        (folder / uuid.uuid4().hex).touch()  # first: the count must survive the kill
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- plain loop
@@ -329,7 +356,7 @@ def _watch(staging: str, total: int, progress: Callable[[int, int], None], stop:
     while not stop.wait(0.5):
         try:
             names = storage.list_dir(staging)
-        except OSError:
+        except (OSError, storage.StorageError):
             continue
         for name in names:
             if name.endswith(".parquet") and name not in counted:
@@ -343,6 +370,16 @@ def _watch(staging: str, total: int, progress: Callable[[int, int], None], stop:
             reported = done
 
 
+def _first_line(exc: BaseException) -> str:
+    """Ray's errors carry tracebacks and reports: the failing call's own ``Type: message`` line."""
+    cause = getattr(exc, "cause", None)
+    error = cause if isinstance(cause, BaseException) else exc
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        return lines[-1][:400]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:400]
+
+
 def _gpus_per_actor(requested: float | None) -> float:
     import ray
 
@@ -351,7 +388,15 @@ def _gpus_per_actor(requested: float | None) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def _build(checked: _Checked, actors: int, batch_size: int, gpus: float, cpus: float, gt_maps: bool) -> Any:
+def _build(
+    checked: _Checked,
+    actors: int,
+    batch_size: int,
+    gpus: float,
+    cpus: float,
+    gt_maps: bool,
+    fault_injection: dict[str, Any] | None = None,
+) -> Any:
     import ray.data
     from ray.data.expressions import col
 
@@ -370,6 +415,7 @@ def _build(checked: _Checked, actors: int, batch_size: int, gpus: float, cpus: f
             "gt_maps": gt_maps,
             "device": "cuda" if gpus > 0 else "cpu",
             "num_threads": max(1, int(cpus)),
+            "fault_injection": fault_injection,
         },
         # concurrency= is deprecated in Ray 2.60: a fixed-size pool is an ActorPoolStrategy.
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -377,6 +423,11 @@ def _build(checked: _Checked, actors: int, batch_size: int, gpus: float, cpus: f
         batch_format="numpy",
         num_cpus=cpus,
         num_gpus=gpus,
+        # Ray Data's default is to restart actors and retry their batches forever: a batch that kills
+        # every actor it reaches (a decoder crash, an OOM) would then hang the job instead of failing it.
+        # (Passed as remote args, which Ray 2.60 marks deprecated without a named replacement yet.)
+        max_restarts=ACTOR_RESTARTS,
+        max_task_retries=ACTOR_RESTARTS,
     )
 
 
@@ -394,6 +445,7 @@ def run_localize(
     nifti_out: str | None = None,
     nifti_orientation: str = "original",
     progress: Callable[[int, int], None] | None = None,
+    fault_injection: dict[str, Any] | None = None,
 ) -> LocalizeResult:
     """Localize every row of the split(s) with a Ray Data actor pool; commit the predictions folder.
 
@@ -405,8 +457,10 @@ def run_localize(
         nifti_out: also write one mask and one CAM volume per subject there (NIfTI datasets).
         nifti_orientation: ``original`` (the source file's axes and affine) or ``canonical`` (RAS).
         progress: called as ``progress(rows_done, rows_total)`` while files are written.
+        fault_injection: TEST ONLY, see ``Localizer``.
     """
     import ray.data
+    import ray.exceptions
 
     from acol_core.jobs import ray_init
 
@@ -431,10 +485,14 @@ def run_localize(
         watcher = threading.Thread(target=_watch, args=(staging, checked.rows, progress, stop), daemon=True)
         watcher.start()
     try:
-        ds = _build(checked, actors, batch_size, gpus, cpus_per_actor, gt_maps)
+        ds = _build(checked, actors, batch_size, gpus, cpus_per_actor, gt_maps, fault_injection)
         ds.write_parquet(staging_path, filesystem=fs)
-    except BaseException:
+    except BaseException as exc:
         storage.delete(staging)
+        if isinstance(exc, ray.exceptions.RayError):
+            raise LocalizeError(
+                f"localizing {data_uri} failed: {_first_line(exc)} (nothing was committed to {output_uri})"
+            ) from exc
         raise
     finally:
         stop.set()

@@ -38,9 +38,13 @@ __all__ = [
     "HISTORY_FILE",
     "MODEL_FILE",
     "STATE_FILE",
+    "CheckpointError",
     "RunOptions",
     "TrainRunResult",
+    "TrainingError",
     "build_datasets",
+    "failure_reason",
+    "load_checkpoint_state",
     "read_checkpoint_epochs",
     "run_training",
     "train_loop_per_worker",
@@ -52,6 +56,17 @@ HISTORY_FILE = "history.json"
 _COLUMNS = ["image", "label", "mask", "anatomy_mask", "fullsup"]
 _VAL_BATCH = 64
 _CHECKPOINT_DIR = re.compile(r"^checkpoint_\d")  # Ray Train's names: checkpoint_<timestamp>
+
+
+class CheckpointError(ValueError):
+    """A ``state.pt`` this code did not write (a pickle with objects in it) or a damaged one."""
+
+
+class TrainingError(RuntimeError):
+    """The Ray Train run failed after its restarts (a worker kept dying, storage went away, ...).
+
+    The run's registered checkpoints stay where they are: the same command resumes from the latest.
+    """
 
 
 @dataclass
@@ -156,17 +171,35 @@ def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = Fal
 # --------------------------------------------------------------------------- the worker
 
 
+def load_checkpoint_state(data: bytes, where: str) -> dict:
+    """A ``state.pt``'s contents: tensors and plain values only, never unpickled objects.
+
+    Raises:
+        CheckpointError: one line naming ``where``, for a foreign pickle or a damaged file.
+    """
+    import pickle
+
+    from acol_core.train import load_checkpoint_bytes
+
+    try:
+        return load_checkpoint_bytes(data)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{where}: not a checkpoint this code wrote, or damaged ({type(exc).__name__}: {reason})"
+        ) from exc
+
+
 def _restore() -> tuple[dict | None, list[dict[str, float]]]:
     """The latest checkpoint's state and metric history (a restarted or resumed run), else (None, [])."""
     import ray.train
-
-    from acol_core.train import load_checkpoint_bytes
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None, []
     with checkpoint.as_directory() as folder:
-        state = load_checkpoint_bytes((Path(folder) / STATE_FILE).read_bytes())
+        where = f"{checkpoint.path}/{STATE_FILE}"
+        state = load_checkpoint_state((Path(folder) / STATE_FILE).read_bytes(), where)
         history_path = Path(folder) / HISTORY_FILE
         history = json.loads(history_path.read_text()) if history_path.exists() else []
     return state, history
@@ -275,6 +308,9 @@ def _check_inputs(config: TrainConfig, options: RunOptions) -> None:
         raise ConfigError("cpus_per_worker must be > 0 and gpus_per_worker >= 0")
     if config.model not in list_models():
         raise ConfigError(f"unknown model {config.model!r} (known: {', '.join(list_models())})")
+    # The name is a folder under the storage: one plain path component, so a run stays inside it.
+    if not options.name or options.name in (".", "..") or re.search(r"[/\\\x00]", options.name):
+        raise ConfigError(f"run name must be a plain folder name (no '/', not '..'), got {options.name!r}")
     check_reachable(options.storage)
 
 
@@ -327,8 +363,33 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingError(
+            f"run {options.name!r} failed: {failure_reason(exc)} (its checkpoints are kept under "
+            f"{options.storage}: run the same command again to resume)"
+        ) from exc
     return _summarize(result, options, storage_path, score if has_val else "epoch")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for a Ray Train failure: the first failing rank's (or the controller's) own error.
+
+    Ray's message is a multi-line report with tracebacks; the worker's exception keeps the original
+    one (wrapped, with its traceback as text) whose last line is ``Type: message``.
+    """
+    failures = sorted(getattr(exc, "worker_failures", {}).items())
+    controller = getattr(exc, "controller_failure", None)
+    where, error = failures[0] if failures else ("controller", controller) if controller else ("", exc)
+    error = getattr(error, "_base_exc", error)  # ray.train's UserExceptionWithTraceback
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        text = lines[-1]  # "OSError: ..." closes a formatted traceback
+    else:
+        text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    prefix = f"rank {where}: " if isinstance(where, int) else f"{where}: " if where else ""
+    return (prefix + text)[:400]
 
 
 def _summarize(result: Any, options: RunOptions, storage_path: str, score: str) -> TrainRunResult:
@@ -371,13 +432,19 @@ def _checkpoint_uri(storage_uri: str, storage_path: str, checkpoint_path: str) -
 
 
 def read_checkpoint_epochs(run_uri: str) -> dict[str, int]:
-    """``{checkpoint folder name: epoch}`` for the checkpoints kept under a run (read from ``state.pt``)."""
+    """``{checkpoint folder name: epoch}`` for the complete checkpoints under a run (from ``state.pt``).
+
+    A folder without all of a checkpoint's files (an upload cut short by a storage outage or a killed
+    driver; Ray never registered it) is skipped: it is not a checkpoint to resume from. Ray resumes from
+    what its ``checkpoint_manager_snapshot.json`` registered, which a folder's presence does not prove:
+    the workers of a killed driver may finish an upload nobody registers.
+    """
     from acol_core.storage import join, list_dir, read_bytes
-    from acol_core.train import load_checkpoint_bytes
 
     epochs = {}
     for name in list_dir(run_uri):
-        if _CHECKPOINT_DIR.match(name):
-            state = load_checkpoint_bytes(read_bytes(join(run_uri, name, STATE_FILE)))
-            epochs[name] = int(state["epoch"])
+        folder = join(run_uri, name)
+        if _CHECKPOINT_DIR.match(name) and {STATE_FILE, MODEL_FILE, HISTORY_FILE} <= set(list_dir(folder)):
+            state_uri = join(folder, STATE_FILE)
+            epochs[name] = int(load_checkpoint_state(read_bytes(state_uri), state_uri)["epoch"])
     return epochs
