@@ -646,8 +646,10 @@ def run_sweep(
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from acol_core.jobs.train_run import check_run_name
     from acol_core.storage import check_reachable, join, resolve
 
+    check_run_name(name, "sweep")
     space = load_space(space_file)
     if trials < 1:
         raise ConfigError(f"trials must be >= 1, got {trials}")

@@ -297,6 +297,13 @@ class _StateModule:
 # --------------------------------------------------------------------------- the driver
 
 
+def check_run_name(name: str, what: str = "run") -> str:
+    """``name`` if it is a plain folder name (it becomes ``<storage>/<name>``: no '/', not '..'), else raise."""
+    if not name or name in (".", "..") or re.search(r"[/\\\x00]", name):
+        raise ConfigError(f"{what} name must be a plain folder name (no '/', not '..'), got {name!r}")
+    return name
+
+
 def _check_inputs(config: TrainConfig, options: RunOptions) -> None:
     """Fail in the driver with one clear line, before Ray starts workers that would fail obscurely."""
     from acol_core.models import list_models
@@ -309,8 +316,7 @@ def _check_inputs(config: TrainConfig, options: RunOptions) -> None:
     if config.model not in list_models():
         raise ConfigError(f"unknown model {config.model!r} (known: {', '.join(list_models())})")
     # The name is a folder under the storage: one plain path component, so a run stays inside it.
-    if not options.name or options.name in (".", "..") or re.search(r"[/\\\x00]", options.name):
-        raise ConfigError(f"run name must be a plain folder name (no '/', not '..'), got {options.name!r}")
+    check_run_name(options.name)
     check_reachable(options.storage)
 
 

@@ -36,6 +36,8 @@ from acol_core.data.prepare import prepare_dataset
 from acol_core.export import export_bytes
 from acol_core.models import create_model
 
+SMOKE_SPACE = Path(__file__).resolve().parents[2] / "tune" / "spaces" / "smoke.yaml"
+
 # --------------------------------------------------------------------------- building the corpus
 
 
@@ -234,6 +236,8 @@ FAILS = [
     Case("config-not-yaml", lambda c: _train(c, "--config", str(c.root / "broken.yaml")), r"while parsing"),
     Case("run-name-leaves-storage", lambda c: _train(c, "--name", "../escaped"),
          r"run name must be a plain folder name"),
+    Case("sweep-name-leaves-storage", lambda c: ["tune", "--space", str(SMOKE_SPACE), "--data", c.data, "--trials",
+         "1", "--storage", str(c.root / "runs"), "--name", "../escaped"], r"sweep name must be a plain folder name"),
 ]  # fmt: skip
 
 
