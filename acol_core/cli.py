@@ -260,6 +260,15 @@ def evaluate(
     typer.echo(text)
 
 
+@app.command(epilog="Example: acol report --run runs/demo")
+@clear_errors
+def report(run: str = typer.Option(..., help="pipeline run folder holding run.json (path or s3://)")) -> None:
+    """Write the run's HTML report (metrics table, CAM overlays, threshold curves, sweep plots); prints its URI."""
+    from acol_core.report import write_report
+
+    typer.echo(write_report(run))
+
+
 def main() -> None:
     app()
 

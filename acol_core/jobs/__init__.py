@@ -13,10 +13,15 @@ from collections.abc import Iterator
 __all__ = ["parquet_reader_v1", "ray_init"]
 
 
-def ray_init() -> None:
+def ray_init(dashboard: bool = False) -> None:
     """Connect to the cluster in ``RAY_ADDRESS``, else start a local Ray in this process (once).
 
     A Ray already initialised by the caller (tests, notebooks) is used as it is.
+
+    Args:
+        dashboard: start the local Ray with its dashboard (on 127.0.0.1, a free port). Sweeps need it:
+            Ray Train's placement-group cleaner, which frees the CPUs of a trial Tune stopped, queries
+            the state API that the dashboard serves.
     """
     import ray
 
@@ -24,11 +29,42 @@ def ray_init() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
+        return
+    if not dashboard:
         # address="local": a new Ray, never some other Ray found on the host. No dashboard, so the demo
         # and tests need no free ports beyond Ray's own. Workers inherit this process's environment
         # (AWS_* for s3:// URIs included).
         ray.init(address="local", include_dashboard=False, configure_logging=False)
+        return
+    # With the dashboard, the GCS address is chosen here and put in the environment the Ray processes
+    # inherit: without one, a Ray process looks for "the" Ray on the host and fails when several run.
+    # This process's own environment is left as it was.
+    port = _free_port()
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(
+            address="local",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=0,
+            configure_logging=False,
+        )
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

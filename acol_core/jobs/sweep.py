@@ -554,40 +554,6 @@ def _absolute(uri: str) -> str:
     return resolve(uri)[1] if is_local(uri) else uri
 
 
-def _ray_init() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-        return
-    # A new local Ray in this process, with its dashboard: Ray Train's placement-group cleaner (which
-    # frees the CPUs of a trial that Tune stopped) queries the state API. The address is chosen here and
-    # put in the environment the Ray processes inherit: without one, a Ray process looks for "the" Ray on
-    # the host and fails when several run. This process's own environment is left as it was.
-    port = _free_port()
-    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
-    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    try:
-        ray.init(address="local", include_dashboard=True, dashboard_port=0, configure_logging=False)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
-
-
 def _default_concurrency(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> int:
     """As many trials as the cluster holds at once, with one CPU always left for Ray Data.
 
@@ -646,6 +612,7 @@ def run_sweep(
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from acol_core.jobs import ray_init
     from acol_core.jobs.train_run import check_run_name
     from acol_core.storage import check_reachable, join, resolve
 
@@ -658,7 +625,7 @@ def run_sweep(
     data_uri, storage_uri = _absolute(data_uri), _absolute(storage_uri)
     _check_data(data_uri)
     check_reachable(storage_uri)
-    _ray_init()
+    ray_init(dashboard=True)
     sweep_uri = join(storage_uri, name)
     settings = _TrialSettings(
         sweep=name,
