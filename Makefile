@@ -14,21 +14,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m acol_core.demo
+	$(PY) -m flows.pipeline --preset demo --run runs/demo
 
 test: $(STAMP)
+	scripts/ensure-chromium
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --mode $(BENCH_MODE)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check acol_core flows tune tests benchmarks
-	$(VENV)/bin/ruff format --check acol_core flows tune tests benchmarks
+	$(VENV)/bin/ruff check acol_core flows tune tests benchmarks scripts
+	$(VENV)/bin/ruff format --check acol_core flows tune tests benchmarks scripts
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format acol_core flows tune tests benchmarks
-	$(VENV)/bin/ruff check --fix acol_core flows tune tests benchmarks
+	$(VENV)/bin/ruff format acol_core flows tune tests benchmarks scripts
+	$(VENV)/bin/ruff check --fix acol_core flows tune tests benchmarks scripts
 
 clean:
 	rm -rf runs .pytest_cache

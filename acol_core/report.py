@@ -270,7 +270,7 @@ _STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #bbb; padding: 4px 8px; text-align: right; }
-th:first-child, td:first-child, td:nth-child(2) { text-align: left; }
+th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) { text-align: left; }
 tr.baseline { color: #666; font-style: italic; }
 table.small { font-size: 80%; }
 img { max-width: 100%; display: block; margin: 0.5em 0; }
