@@ -10,24 +10,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect_server import PREFECT, prefect_env, prefect_server_at, run, start, stop, wait_until
 
 from acol_core import storage
 from acol_core.data.prepare import prepare_dataset
 from acol_core.data.shards import MANIFEST_NAME, DatasetError, Manifest, open_dataset, read_manifest
 
-REPO = Path(__file__).resolve().parents[1]
-PREFECT = str(Path(sys.executable).parent / "prefect")
 PHANTOM = {"num_subjects": 4, "slices_per_subject": 4, "size": 64}
 ROWS_PER_SHARD = 4  # 16 one-row inputs -> 4 shards
 FLAKY_SHARD = 2
@@ -67,71 +63,6 @@ print("REPORT " + json.dumps(report))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _prefect_env(home: Path, api_url: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_RUNNER_POLL_FREQUENCY="1",  # the default 10 s would dominate the test
-        PREFECT_WORKER_QUERY_SECONDS="1",
-        PYTHONPATH=str(REPO),
-    )
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    return env
-
-
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
-    """Signal the process group, then kill it if it has not exited within ``grace`` seconds."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=grace)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # leftovers in the group (a flow run subprocess)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
-def _wait_until(ready: Any, proc: subprocess.Popen, log: Path, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        if ready():
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} not ready within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def _shard_digests(manifest: Manifest) -> list[tuple[str, int, str]]:
     return [(s.name, s.rows, s.sha256) for s in manifest.shards]
 
@@ -158,9 +89,9 @@ def _assert_same_dataset(uri: str, reference: Manifest) -> None:
 def ephemeral(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     root = tmp_path_factory.mktemp("ephemeral")
     args = [str(root / "out"), json.dumps(PHANTOM), str(ROWS_PER_SHARD), str(FLAKY_SHARD)]
-    proc = _run(
+    proc = run(
         [sys.executable, "-c", _EPHEMERAL_SCRIPT, *args],
-        _prefect_env(root / "prefect-home", None),
+        prefect_env(root / "prefect-home", None),
         timeout=150,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
@@ -210,17 +141,8 @@ def test_ephemeral_shard_failing_always_fails_the_flow(ephemeral: tuple[Path, di
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], Path]]:
     """A Prefect server on a free port; yields the client environment and a log folder."""
-    root = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = _prefect_env(root / "home", api)
-    log = root / "server.log"
-    server = _start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
-    try:
-        _wait_until(lambda: _healthy(f"{api}/health"), server, log, "prefect server", timeout=90)
-        yield env, root
-    finally:
-        _stop(server, signal.SIGTERM, grace=15)  # callers stop their workers first
+    with prefect_server_at(tmp_path_factory.mktemp("prefect-server")) as started:
+        yield started
 
 
 def _run_deployment(
@@ -236,12 +158,12 @@ def _run_deployment(
     cmd = [PREFECT, "deployment", "run", "preprocess/phantom", "--watch", "--watch-timeout", "90"]
     for key, value in params.items():
         cmd += ["--param", f"{key}={value}"]
-    return _run(cmd, env, timeout=120)
+    return run(cmd, env, timeout=120)
 
 
 def _delete_deployment(env: dict[str, str]) -> None:
     """Served and worker deployments of one name do not mix: each test leaves the server without it."""
-    _run([PREFECT, "deployment", "delete", "preprocess/phantom"], env, timeout=60)
+    run([PREFECT, "deployment", "delete", "preprocess/phantom"], env, timeout=60)
 
 
 @pytest.mark.integration
@@ -253,10 +175,10 @@ def test_deployment_from_prefect_yaml_on_process_worker(
         [PREFECT, "work-pool", "create", "acol-process", "--type", "process", "--overwrite"],
         [PREFECT, "--no-prompt", "deploy", "--prefect-file", "flows/prefect.yaml", "--name", "phantom"],
     ):
-        done = _run(cmd, env, timeout=60)
+        done = run(cmd, env, timeout=60)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     log = root / "worker.log"
-    worker = _start([PREFECT, "worker", "start", "--pool", "acol-process"], env, log)
+    worker = start([PREFECT, "worker", "start", "--pool", "acol-process"], env, log)
     try:
         out = str(tmp_path / "data")
         done = _run_deployment(env, out)
@@ -267,7 +189,7 @@ def test_deployment_from_prefect_yaml_on_process_worker(
         assert bad.returncode == 1, bad.stdout[-2000:]
         assert not (tmp_path / "bad").exists()
     finally:
-        _stop(worker, signal.SIGINT)
+        stop(worker, signal.SIGINT)
         _delete_deployment(env)
 
 
@@ -278,16 +200,14 @@ def test_served_deployment_writes_to_s3(
     env, root = prefect_server
     env = {**env, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}  # set by s3_server
     log = root / "serve.log"
-    serve = _start(
-        [PREFECT, "flow", "serve", "flows/preprocess.py:preprocess", "--name", "phantom"], env, log
-    )
+    serve = start([PREFECT, "flow", "serve", "flows/preprocess.py:preprocess", "--name", "phantom"], env, log)
     try:
-        _wait_until(lambda: "is being served" in log.read_text(), serve, log, "prefect flow serve")
+        wait_until(lambda: "is being served" in log.read_text(), serve, log, "prefect flow serve")
         out = f"{s3_server}/flows/preprocess-{uuid.uuid4().hex[:8]}"
         done = _run_deployment(env, out)
         assert done.returncode == 0, done.stdout[-3000:] + log.read_text()[-3000:]
         _assert_same_dataset(out, reference)
         assert storage.exists(storage.join(out, MANIFEST_NAME))
     finally:
-        _stop(serve, signal.SIGINT)
+        stop(serve, signal.SIGINT)
         _delete_deployment(env)
