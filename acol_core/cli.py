@@ -98,8 +98,14 @@ def prepare(
 
     with _progress("prepare") as progress:
         manifest = prepare_dataset(
-            source, output, input_uri=input, seed=seed, fullsup_per_class=fullsup_per_class,
-            rows_per_shard=rows_per_shard, progress=progress, **_parse_options(option),
+            source,
+            output,
+            input_uri=input,
+            seed=seed,
+            fullsup_per_class=fullsup_per_class,
+            rows_per_shard=rows_per_shard,
+            progress=progress,
+            **_parse_options(option),
         )
     summary = {"output": output, "accepted": manifest.accepted, "rejected": manifest.rejected}
     typer.echo(json.dumps({**summary, "split_counts": manifest.split_counts}))
@@ -164,15 +170,25 @@ def train(
     if delta is not None:
         values["model_options"] = {**values.get("model_options", {}), "delta": delta}
     options = RunOptions(
-        data=data, storage=storage, name=name, workers=workers, gpus_per_worker=gpus_per_worker,
-        cpus_per_worker=cpus_per_worker, max_failures=max_failures, keep_checkpoints=keep_checkpoints,
+        data=data,
+        storage=storage,
+        name=name,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        max_failures=max_failures,
+        keep_checkpoints=keep_checkpoints,
         deterministic=deterministic,
     )
     result = run_training(TrainConfig.from_dict(values), options)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     summary = {
-        "run": result.run_uri, "checkpoint": result.checkpoint_uri, "model": result.model_uri,
-        "latest_checkpoint": result.latest_checkpoint_uri, "epochs": len(result.history), "metrics": metrics,
+        "run": result.run_uri,
+        "checkpoint": result.checkpoint_uri,
+        "model": result.model_uri,
+        "latest_checkpoint": result.latest_checkpoint_uri,
+        "epochs": len(result.history),
+        "metrics": metrics,
     }
     typer.echo(json.dumps(summary, indent=2))
 
@@ -186,7 +202,9 @@ def tune(
     data: str = typer.Option(..., help="dataset URI written by `acol prepare`"),
     trials: int = typer.Option(..., help="number of trials"),
     storage: str = typer.Option(..., help="where the sweep folder goes (path or s3://)"),
-    name: str = typer.Option("acol-sweep", help="sweep name; the same name + storage resumes a stopped sweep"),
+    name: str = typer.Option(
+        "acol-sweep", help="sweep name; the same name + storage resumes a stopped sweep"
+    ),
     workers_per_trial: int = typer.Option(1, help="Ray Train workers per trial"),
     cpus_per_worker: float = typer.Option(0.5),
     gpus_per_worker: float = typer.Option(0.0),
@@ -197,9 +215,16 @@ def tune(
     from acol_core.jobs.sweep import run_sweep
 
     result = run_sweep(
-        space, data, trials, storage, name=name, workers_per_trial=workers_per_trial,
-        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-        max_concurrent_trials=max_concurrent_trials, seed=seed,
+        space,
+        data,
+        trials,
+        storage,
+        name=name,
+        workers_per_trial=workers_per_trial,
+        cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        max_concurrent_trials=max_concurrent_trials,
+        seed=seed,
     )
     typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
 
@@ -215,11 +240,15 @@ def localize(
     split: str = typer.Option("test", help="split(s) to localize: test, val,test or all"),
     threshold: float | None = typer.Option(None, help="CAM threshold τ [default: the model's, else 0.5]"),
     nifti_out: str | None = typer.Option(None, help="also write mask/CAM NIfTI volumes per subject here"),
-    nifti_orientation: str = typer.Option("original", help="original (source file's axes) or canonical (RAS)"),
+    nifti_orientation: str = typer.Option(
+        "original", help="original (source file's axes) or canonical (RAS)"
+    ),
     actors: int = typer.Option(1, help="Ray Data actors, each holding one copy of the model"),
     batch_size: int = typer.Option(32),
     gpus_per_actor: float | None = typer.Option(None, help="[default: 1 when the Ray cluster has GPUs]"),
-    cpus_per_actor: float = typer.Option(0.5, help="fractional: Ray Data's readers and writers need CPUs too"),
+    cpus_per_actor: float = typer.Option(
+        0.5, help="fractional: Ray Data's readers and writers need CPUs too"
+    ),
     gt_maps: bool = typer.Option(True, help="also store the labelled class's map where it differs (cam_gt)"),
 ) -> None:
     """Localize a split with Ray Data (an actor pool holds the model); prints a summary as JSON.
@@ -231,14 +260,26 @@ def localize(
 
     with _progress("localize") as progress:
         result = run_localize(
-            model, data, output, split=split, threshold=threshold, actors=actors, batch_size=batch_size,
-            gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, gt_maps=gt_maps,
-            nifti_out=nifti_out, nifti_orientation=nifti_orientation, progress=progress,
+            model,
+            data,
+            output,
+            split=split,
+            threshold=threshold,
+            actors=actors,
+            batch_size=batch_size,
+            gpus_per_actor=gpus_per_actor,
+            cpus_per_actor=cpus_per_actor,
+            gt_maps=gt_maps,
+            nifti_out=nifti_out,
+            nifti_orientation=nifti_orientation,
+            progress=progress,
         )
     typer.echo(json.dumps(result.to_dict(), indent=2))
 
 
-@app.command(epilog="Example: acol evaluate --predictions runs/pred --data runs/data --output runs/metrics.json")
+@app.command(
+    epilog="Example: acol evaluate --predictions runs/pred --data runs/data --output runs/metrics.json"
+)
 @clear_errors
 def evaluate(
     predictions: str = typer.Option(..., help="predictions folder written by `acol localize`"),

@@ -70,7 +70,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise ConfigError(
+                f"unknown config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
         return cls(**data)
 
     def replace(self, **changes: Any) -> TrainConfig:

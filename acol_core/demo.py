@@ -41,7 +41,9 @@ COLUMNS = ("accuracy", "pxap", "max_box_acc_v2", "dice", "off_target")
 
 def _load(uri: str, size: int) -> dict[str, dict[str, np.ndarray]]:
     dataset = open_dataset(uri)
-    return {split: table_to_arrays(dataset.read_table(split=split), 1, size) for split in ("train", "val", "test")}
+    return {
+        split: table_to_arrays(dataset.read_table(split=split), 1, size) for split in ("train", "val", "test")
+    }
 
 
 def _table(rows: dict[str, dict[str, float]]) -> str:
@@ -68,7 +70,9 @@ def run_demo(out: Path, epochs: int, subjects: int, slices: int = 8, size: int =
     results: dict[str, dict[str, float]] = {}
     test_cams: dict[str, np.ndarray] = {}
     for name, model_name, options in MODELS:
-        config = TrainConfig(model=model_name, model_options=options, epochs=epochs, image_size=size, seed=seed)
+        config = TrainConfig(
+            model=model_name, model_options=options, epochs=epochs, image_size=size, seed=seed
+        )
         t0 = time.perf_counter()
         result = fit(
             config,
@@ -82,7 +86,10 @@ def run_demo(out: Path, epochs: int, subjects: int, slices: int = 8, size: int =
         metrics["train_seconds"] = time.perf_counter() - t0
         results[name] = metrics
         test_cams[name] = pred["cam"]
-        print(f"trained {name}: {metrics['train_seconds']:.0f}s, test accuracy {metrics['accuracy']:.3f}", flush=True)
+        print(
+            f"trained {name}: {metrics['train_seconds']:.0f}s, test accuracy {metrics['accuracy']:.3f}",
+            flush=True,
+        )
 
     test = splits["test"]
     baseline = {"cam": center_gaussian_baseline(len(test["label"]), size, size), "pred": test["label"]}
@@ -98,7 +105,12 @@ def run_demo(out: Path, epochs: int, subjects: int, slices: int = 8, size: int =
         {name: cams[pick] for name, cams in test_cams.items()},
         titles=[str(test["image_id"][i]) for i in pick],
     )
-    summary = {"dataset": data_uri, "epochs": epochs, "models": results, "seconds": time.perf_counter() - started}
+    summary = {
+        "dataset": data_uri,
+        "epochs": epochs,
+        "models": results,
+        "seconds": time.perf_counter() - started,
+    }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     print()
     print(_table(results))
@@ -107,7 +119,9 @@ def run_demo(out: Path, epochs: int, subjects: int, slices: int = 8, size: int =
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--subjects", type=int, default=100)

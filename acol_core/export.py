@@ -24,7 +24,15 @@ from torch import nn
 from acol_core.config import TrainConfig
 from acol_core.data.transforms import NORMALIZATION
 
-__all__ = ["EXPORT_FORMAT", "ExportError", "ExportedInfo", "export_bytes", "export_model", "load_exported", "read_export_info"]
+__all__ = [
+    "EXPORT_FORMAT",
+    "ExportError",
+    "ExportedInfo",
+    "export_bytes",
+    "export_model",
+    "load_exported",
+    "read_export_info",
+]
 
 EXPORT_FORMAT = "acol-flow/model/v1"
 _KEY = "acol_flow"
@@ -62,7 +70,9 @@ def export_bytes(model: nn.Module, config: TrainConfig, class_names: list[str], 
     return st_save(tensors, metadata={_KEY: json.dumps(info)})
 
 
-def export_model(model: nn.Module, config: TrainConfig, class_names: list[str], uri: str, **extra: Any) -> str:
+def export_model(
+    model: nn.Module, config: TrainConfig, class_names: list[str], uri: str, **extra: Any
+) -> str:
     """Write the export to ``uri`` (local path or s3://) atomically; returns the URI."""
     from acol_core.storage import write_bytes
 
@@ -109,7 +119,9 @@ def read_export_info(data: bytes) -> ExportedInfo:
     )
 
 
-def load_exported(uri_or_bytes: str | bytes, device: str | torch.device = "cpu") -> tuple[nn.Module, ExportedInfo]:
+def load_exported(
+    uri_or_bytes: str | bytes, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ExportedInfo]:
     """Build the model the file describes and load its weights (strict)."""
     from acol_core.models import create_model
     from acol_core.storage import read_bytes
@@ -122,7 +134,10 @@ def load_exported(uri_or_bytes: str | bytes, device: str | torch.device = "cpu")
     except SafetensorError as exc:
         raise ExportError(f"damaged model export: {exc}") from exc
     model = create_model(
-        cfg.model, num_classes=cfg.num_classes, in_channels=cfg.in_channels, backbone=cfg.backbone,
+        cfg.model,
+        num_classes=cfg.num_classes,
+        in_channels=cfg.in_channels,
+        backbone=cfg.backbone,
         **cfg.model_options,
     )
     try:

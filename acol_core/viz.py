@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["cam_overlay", "mask_outline", "save_overlay_grid"]
+__all__ = [
+    "cam_overlay",
+    "figure_png",
+    "mask_outline",
+    "overlay_strip_figure",
+    "save_overlay_grid",
+    "threshold_curves_figure",
+]
 
 
 def _matplotlib():
@@ -37,7 +46,9 @@ def _gray_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(img[..., None], 3, axis=-1)
 
 
-def cam_overlay(image: np.ndarray, cam: np.ndarray, mask: np.ndarray | None = None, alpha: float = 0.5) -> np.ndarray:
+def cam_overlay(
+    image: np.ndarray, cam: np.ndarray, mask: np.ndarray | None = None, alpha: float = 0.5
+) -> np.ndarray:
     """RGB float H×W×3: the image in grey, the CAM in the jet colour map on top, the GT outline in green."""
     plt = _matplotlib()
     rgb = (1 - alpha) * _gray_rgb(image) + alpha * plt.get_cmap("jet")(np.clip(cam, 0, 1))[..., :3]
@@ -73,3 +84,77 @@ def save_overlay_grid(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------- report figures (no pyplot)
+
+
+def figure_png(figure: Any, dpi: int = 100) -> bytes:
+    """A matplotlib Figure as PNG bytes (written with the object API: no pyplot state, any thread)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _new_figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def threshold_curves_figure(
+    box_curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    pr_curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    iou: float = 0.5,
+) -> Any:
+    """Two panels: BoxAcc against the CAM threshold τ (``label -> (τ, accuracy)``) and the pixel
+    precision-recall curves (``label -> (recall, precision)``), one line per model; legends carry the labels.
+
+    Examples:
+        >>> t = np.linspace(0, 0.99, 100)
+        >>> figure = threshold_curves_figure({"cam": (t, 1 - t)}, {"cam": (1 - t, t)})
+        >>> figure_png(figure)[:4]
+        b'\\x89PNG'
+    """
+    figure = _new_figure(10, 4)
+    box_axes, pr_axes = figure.subplots(1, 2)
+    for label, (thresholds, accuracy) in box_curves.items():
+        box_axes.plot(thresholds, accuracy, label=label)
+    for label, (recall, precision) in pr_curves.items():
+        pr_axes.plot(recall, precision, label=label)
+    box_axes.set(
+        xlabel="CAM threshold τ",
+        ylabel=f"BoxAcc (IoU ≥ {iou:g})",
+        title="BoxAcc vs τ",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
+    pr_axes.set(
+        xlabel="pixel recall",
+        ylabel="pixel precision",
+        title="Pixel PR curve (PxAP)",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
+    for axes in (box_axes, pr_axes):
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=7)
+    return figure
+
+
+def overlay_strip_figure(
+    images: Sequence[np.ndarray],
+    cams: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray | None],
+    titles: Sequence[str],
+) -> Any:
+    """One row of ``cam_overlay`` panels (image in grey, CAM in jet, GT outline in green), titled."""
+    figure = _new_figure(3.0 * max(len(images), 1), 3.2)
+    axes = np.atleast_1d(figure.subplots(1, max(len(images), 1)))
+    for ax, image, cam, mask, title in zip(axes, images, cams, masks, titles, strict=False):
+        ax.imshow(cam_overlay(image, cam, mask))
+        ax.set_title(title, fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    return figure

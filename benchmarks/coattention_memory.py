@@ -1,4 +1,4 @@
-"""Peak memory and time of co-attention, forward + backward: naive (builds the HW×HW affinity) vs efficient.
+"""Peak memory and time of co-attention, forward + backward: naive (builds the HW×HW affinity) vs the rest.
 
 Run::
 
@@ -7,13 +7,17 @@ Run::
 
 From code (what `make bench` calls): ``rows = run(sizes=(28, 56, 112))``; ``print(format_table(rows))``.
 
-Each case (implementation × map size) runs in a fresh Python process, so that neither allocator caches
-nor an earlier case's high-water mark leak into the next one. The case builds both images' features
-(`batch`×`channels`×size×size) and W_P, then times ``coattention_naive`` or ``coattention_efficient``
-(both directions) plus ``backward()`` of the sum of their outputs, after one step on 2×2 maps that
-pays the process's one-time set-up.
+Implementations (both directions of a pair, as ``coattention_naive`` returns them):
+- ``naive``: ``coattention_naive``, the reference that builds the affinity P whole;
+- ``sdpa``: ``coattention_efficient``, always through ``scaled_dot_product_attention`` (P never whole);
+- ``auto``: what the models run, ``attend`` with its default path: P whole while the batch's P fits
+  ``AFFINITY_BUDGET_BYTES``, SDPA beyond (so at a small map ``auto`` is ``naive``'s arithmetic).
 
-Peak memory is the extra memory of one forward + backward over what the inputs already hold:
+Memory: each case (implementation × map size) runs in a fresh Python process, so that neither
+allocator caches nor an earlier case's high-water mark leak into the next one. The case builds both
+images' features (`batch`×`channels`×size×size) and W_P and runs one forward + ``backward()`` of the
+sum of the outputs, after one step on 2×2 maps that pays the process's one-time set-up. Peak memory is
+the extra memory of that step over what the inputs already hold:
 - CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the memory
   allocated before the step (exact for tensors; excludes the CUDA context and cuBLAS workspaces).
 - CPU: the process's resident-set high-water mark (Linux ``VmHWM``, reset through
@@ -21,7 +25,10 @@ Peak memory is the extra memory of one forward + backward over what the inputs a
   touched page, torch's or a library's (oneDNN scratch included), at page granularity; ``tracemalloc``
   does not see torch's allocator and the profiler reports per-op totals, not a peak. Where ``/proc`` is
   missing the column falls back to the ``ru_maxrss`` delta, which can only under-report.
-Time is the median of `repeats` timed steps after one untimed warm-up step (synchronised on CUDA).
+Time: one more fresh process per map size times the three implementations alternately (naive, sdpa,
+auto, naive, ...) on the same inputs, after one untimed round; median of `repeats` rounds, at least
+``MIN_TIMED_S`` of rounds (small maps get more), synchronised on CUDA. Alternating keeps a change in the
+machine's load from landing on one implementation only.
 """
 
 from __future__ import annotations
@@ -34,13 +41,16 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "measure_case", "run"]
+__all__ = ["IMPLEMENTATIONS", "format_table", "measure_case", "run", "time_size"]
 
-IMPLEMENTATIONS = ("naive", "efficient")
+IMPLEMENTATIONS = ("naive", "sdpa", "auto")
 MIB = 2**20
+MIN_TIMED_S = 2.0
+MAX_ROUNDS = 40
 
 
 def _proc_memory_kib() -> tuple[int, int] | None:
@@ -62,65 +72,75 @@ def _reset_hwm() -> bool:
     return _proc_memory_kib() is not None
 
 
+def _functions() -> dict[str, Any]:
+    from acol_core.models.coattention import attend
+
+    return {
+        "naive": partial(attend, path="materialised"),
+        "sdpa": partial(attend, path="sdpa"),
+        "auto": attend,
+    }
+
+
+def _inputs(size: int, channels: int, batch: int, device: Any, seed: int) -> tuple[Any, Any, Any]:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    f_m = torch.randn(batch, channels, size, size, generator=gen).to(device).requires_grad_(True)
+    f_n = torch.randn(batch, channels, size, size, generator=gen).to(device).requires_grad_(True)
+    weight = (torch.randn(channels, channels, generator=gen) / channels**0.5).to(device).requires_grad_(True)
+    return f_m, f_n, weight
+
+
+def _step(fn: Any, f_m: Any, f_n: Any, weight: Any) -> None:
+    fn(f_m, f_n, weight).sum().backward()
+    f_m.grad = f_n.grad = weight.grad = None
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure_case(
     impl: str,
     size: int,
     channels: int,
     batch: int,
-    repeats: int,
     device: str,
     threads: int | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Measure one case in this process (meant for a fresh process; `run` starts one per case)."""
+    """Peak memory of one forward + backward of ``impl`` (meant for a fresh process; `run` starts one)."""
     import torch
+
+    from acol_core.models.coattention import attention_path
 
     if threads:
         torch.set_num_threads(threads)
-    from acol_core.models import coattention_efficient, coattention_naive
-
-    fn = {"naive": coattention_naive, "efficient": coattention_efficient}[impl]
+    fn = _functions()[impl]
     dev = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    f_m = torch.randn(batch, channels, size, size, generator=gen).to(dev).requires_grad_(True)
-    f_n = torch.randn(batch, channels, size, size, generator=gen).to(dev).requires_grad_(True)
-    weight = (torch.randn(channels, channels, generator=gen) / channels**0.5).to(dev).requires_grad_(True)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    def step(a: torch.Tensor = f_m, b: torch.Tensor = f_n) -> None:
-        att_m, att_n = fn(a, b, weight)
-        (att_m.sum() + att_n.sum()).backward()
-        a.grad = b.grad = weight.grad = None
-
+    f_m, f_n, weight = _inputs(size, channels, batch, dev, seed)
     # One-time set-up (kernel code pages, thread pools, library scratch) is not the step's memory.
-    step(f_m[:, :, :2, :2].detach().requires_grad_(True), f_n[:, :, :2, :2].detach().requires_grad_(True))
-    sync()
+    tiny = [t[:, :, :2, :2].detach().requires_grad_(True) for t in (f_m, f_n)]
+    _step(fn, *tiny, weight)
+    _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
-        step()
-        sync()
+        _step(fn, f_m, f_n, weight)
+        _sync(dev)
         peak, method = torch.cuda.max_memory_allocated(dev) - before, "cuda max_memory_allocated"
     elif _reset_hwm():
         before = _proc_memory_kib()[1]
-        step()
+        _step(fn, f_m, f_n, weight)
         peak, method = (_proc_memory_kib()[0] - before) * 1024, "rss high-water mark"
     else:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        step()
+        _step(fn, f_m, f_n, weight)
         peak, method = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, "ru_maxrss delta"
-
-    step()  # warm-up (the measured step above already ran once; this one settles caches)
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
     positions = size * size
     return {
         "impl": impl,
@@ -131,10 +151,47 @@ def measure_case(
         "device": str(dev),
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "affinity_mib": batch * positions**2 * 4 / MIB,  # one float32 P for the batch
+        "path": attention_path(batch, positions, positions, f_m.element_size()) if impl == "auto" else impl,
         "peak_mib": max(peak, 0) / MIB,
         "memory_method": method,
-        "time_ms": 1000 * statistics.median(times),
-        "repeats": repeats,
+    }
+
+
+def time_size(
+    size: int,
+    channels: int,
+    batch: int,
+    repeats: int,
+    device: str,
+    threads: int | None = None,
+    seed: int = 0,
+    min_time_s: float = MIN_TIMED_S,
+) -> dict[str, Any]:
+    """Median ms of forward + backward per implementation, the implementations timed alternately."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    fns = _functions()
+    dev = torch.device(device)
+    inputs = _inputs(size, channels, batch, dev, seed)
+    for fn in fns.values():  # warm-up round
+        _step(fn, *inputs)
+    _sync(dev)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or (time.perf_counter() - started < min_time_s and rounds < MAX_ROUNDS):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            _step(fn, *inputs)
+            _sync(dev)
+            times[name].append(time.perf_counter() - start)
+        rounds += 1
+    return {
+        "size": size,
+        "rounds": rounds,
+        "time_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
     }
 
 
@@ -142,6 +199,20 @@ def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _worker(kind: str, case: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Run one ``--worker`` in a fresh process; its JSON line, or ``{"error": ...}``."""
+    cmd = [sys.executable, "-m", "benchmarks.coattention_memory", "--worker", json.dumps([kind, case])]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        return {"error": tail[0][:200]}
+    return json.loads(lines[-1])
 
 
 def run(
@@ -152,35 +223,30 @@ def run(
     device: str | None = None,
     threads: int | None = None,
     timeout_s: float = 900.0,
+    min_time_s: float = MIN_TIMED_S,
 ) -> list[dict[str, Any]]:
-    """One row per (size, implementation), each measured in a fresh subprocess; failed cases carry "error".
+    """One row per (size, implementation): peak MiB and median ms; failed parts carry "error".
 
     Args:
         sizes: feature-map sides (28 = vgg16 at 224 input, 56 and 112 = larger inputs / finer strides).
         channels: feature channels D (the head width).
         batch: image pairs per step.
-        repeats: timed steps per case (median reported).
+        repeats: least number of timed rounds (median reported); more until ``min_time_s`` is spent.
         device: "cuda" or "cpu"; CUDA when available if None.
         threads: CPU threads per case (torch's default if None).
     """
     device = device or _default_device()
     rows = []
     for size in sizes:
+        common = {"size": size, "channels": channels, "batch": batch, "device": device, "threads": threads}
+        timing = _worker("time", common | {"repeats": repeats, "min_time_s": min_time_s}, timeout_s)
         for impl in IMPLEMENTATIONS:
-            case = {"impl": impl, "size": size, "channels": channels, "batch": batch, "repeats": repeats}
-            case |= {"device": device, "threads": threads}
-            cmd = [sys.executable, "-m", "benchmarks.coattention_memory", "--worker", json.dumps(case)]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-            except subprocess.TimeoutExpired:
-                rows.append({**case, "error": f"timed out after {timeout_s:.0f} s"})
-                continue
-            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-            if done.returncode != 0 or not lines:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-                rows.append({**case, "error": tail[0][:200]})
-            else:
-                rows.append(json.loads(lines[-1]))
+            row = {"impl": impl, **common, **_worker("memory", common | {"impl": impl}, timeout_s)}
+            if "time_ms" in timing:
+                row |= {"time_ms": timing["time_ms"][impl], "rounds": timing["rounds"]}
+            elif "error" in timing:
+                row["error"] = "; ".join(filter(None, (row.get("error"), f"timing: {timing['error']}")))
+            rows.append(row)
     return rows
 
 
@@ -188,34 +254,30 @@ def _cell(row: dict[str, Any], key: str, width: int) -> str:
     return f"{row[key]:>{width}.1f}" if key in row else f"{'error':>{width}}"
 
 
-def _ratio(naive: dict[str, Any], eff: dict[str, Any], key: str) -> str:
-    ok = key in naive and key in eff and eff[key] > 0
-    return f"{naive[key] / eff[key]:>7.1f}" if ok else f"{'-':>7}"
-
-
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Naive vs efficient side by side per size, with ratios naive / efficient."""
+    """Per map size: P's size, then peak MiB and ms of each implementation, and the path auto took."""
     by_size: dict[int, dict[str, dict[str, Any]]] = {}
     for row in rows:
         by_size.setdefault(row["size"], {})[row["impl"]] = row
     head = (
-        f"{'map':>8} {'P MiB':>8} {'naive MiB':>10} {'eff. MiB':>9} {'mem ×':>7} "
-        f"{'naive ms':>9} {'eff. ms':>8} {'time ×':>7}"
+        f"{'map':>8} {'P MiB':>7} "
+        + " ".join(f"{impl + ' MiB':>10}" for impl in IMPLEMENTATIONS)
+        + " "
+        + " ".join(f"{impl + ' ms':>9}" for impl in IMPLEMENTATIONS)
+        + f" {'auto path':>12}"
     )
     lines = [head, "-" * len(head)]
-    for size, pair in sorted(by_size.items()):
-        naive, eff = pair.get("naive", {}), pair.get("efficient", {})
-        p_mib = naive.get("affinity_mib", eff.get("affinity_mib", float("nan")))
-        lines.append(
-            f"{f'{size}×{size}':>8} {p_mib:>8.1f} {_cell(naive, 'peak_mib', 10)} {_cell(eff, 'peak_mib', 9)} "
-            f"{_ratio(naive, eff, 'peak_mib')} {_cell(naive, 'time_ms', 9)} {_cell(eff, 'time_ms', 8)} "
-            f"{_ratio(naive, eff, 'time_ms')}"
-        )
+    for size, impls in sorted(by_size.items()):
+        p_mib = next((r["affinity_mib"] for r in impls.values() if "affinity_mib" in r), float("nan"))
+        mem = " ".join(_cell(impls.get(i, {}), "peak_mib", 10) for i in IMPLEMENTATIONS)
+        ms = " ".join(_cell(impls.get(i, {}), "time_ms", 9) for i in IMPLEMENTATIONS)
+        path = impls.get("auto", {}).get("path", "?")
+        lines.append(f"{f'{size}×{size}':>8} {p_mib:>7.1f} {mem} {ms} {path:>12}")
     first = next((r for r in rows if "error" not in r), rows[0] if rows else {})
     lines.append(
         f"device {first.get('device')}, threads {first.get('threads')}, batch {first.get('batch')}, "
-        f"D {first.get('channels')}, memory: {first.get('memory_method')}, time: median of "
-        f"{first.get('repeats')} forward+backward"
+        f"D {first.get('channels')}, memory: {first.get('memory_method')} (fresh process per cell), "
+        f"time: median forward+backward, implementations alternated ({first.get('rounds')} rounds)"
     )
     lines += [f"error {r['impl']} {r['size']}: {r['error']}" for r in rows if "error" in r]
     return "\n".join(lines)
@@ -226,14 +288,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[28, 56, 112])
     parser.add_argument("--channels", type=int, default=128)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="least number of timed rounds")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one case, in this process (used by run)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # [kind, case], in this process (used by run)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(measure_case(**json.loads(args.worker))))
+        kind, case = json.loads(args.worker)
+        print(json.dumps((measure_case if kind == "memory" else time_size)(**case)))
         return
     rows = run(tuple(args.sizes), args.channels, args.batch, args.repeats, args.device, args.threads)
     print(format_table(rows))

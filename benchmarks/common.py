@@ -7,23 +7,29 @@ weighs on both sides alike instead of on whichever ran second.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "Comparison",
+    "GpuUtilisation",
     "compare",
     "environment",
     "median_time",
     "peak_rss_of",
+    "process_tree",
     "ratio",
 ]
 
@@ -74,38 +80,253 @@ def compare(
     return Comparison(statistics.median(times_a), statistics.median(times_b), repeats)
 
 
-def peak_rss_of(cmd: Sequence[str], timeout_s: float = 600.0, env: dict[str, str] | None = None) -> dict:
-    """Run ``cmd`` as a child and return its exit code, wall seconds and peak RSS (MiB, ``wait4``).
+def _proc_status_kib(pid: int, keys: tuple[str, ...]) -> dict[str, int]:
+    """The ``/proc/<pid>/status`` fields ``keys`` in KiB; empty once the process is gone or a zombie."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in keys:
+            out[key] = int(value.split()[0])
+    return out
 
-    ``wait4`` reports the high-water mark of that child alone (grandchildren it waited for count in it
-    only if they were its own children: Linux folds a reaped grandchild's peak into ``ru_maxrss`` as a max).
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live descendant (one scan of ``/proc/*/stat`` for the parent links)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue  # exited between listdir and read
+        # The command name may hold spaces and parentheses: the fields start after the last ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _pss_kib(pid: int) -> tuple[int, int]:
+    """(PSS, its shared-memory part ``Pss_Shmem``) in KiB; shared pages are divided among their mappers."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0, 0
+    fields = {ln.split(":")[0]: int(ln.split()[1]) for ln in text.splitlines()[1:] if ln.count(" ") >= 1}
+    return fields.get("Pss", 0), fields.get("Pss_Shmem", 0)
+
+
+@dataclass
+class _TreePeak:
+    """Running maxima over samples of one process tree (KiB), and a coarse timeline (MiB)."""
+
+    root_hwm: int = 0
+    tree_rss: int = 0
+    tree_anon: int = 0
+    tree_pss: int = 0
+    tree_pss_shmem: int = 0
+    tree_pss_non_shmem: int = 0
+    tree_procs: int = 0
+    samples: int = 0
+    timeline: list[tuple[float, float, float, float]] = field(default_factory=list)
+
+    def sample(self, root: int, elapsed_s: float, with_pss: bool) -> None:
+        rss = anon = pss = shmem = procs = 0
+        for pid in process_tree(root):
+            fields = _proc_status_kib(pid, ("VmHWM", "VmRSS", "RssAnon"))
+            if pid == root:
+                self.root_hwm = max(self.root_hwm, fields.get("VmHWM", 0))
+            if "VmRSS" not in fields:
+                continue  # gone, or a zombie
+            rss += fields["VmRSS"]
+            anon += fields.get("RssAnon", 0)
+            procs += 1
+            if with_pss:  # smaps_rollup walks the page tables (~1 ms for a large process): now and then
+                pid_pss, pid_shmem = _pss_kib(pid)
+                pss, shmem = pss + pid_pss, shmem + pid_shmem
+        self.tree_rss, self.tree_anon = max(self.tree_rss, rss), max(self.tree_anon, anon)
+        self.tree_procs = max(self.tree_procs, procs)
+        self.samples += 1
+        if with_pss and procs:
+            self.tree_pss, self.tree_pss_shmem = max(self.tree_pss, pss), max(self.tree_pss_shmem, shmem)
+            self.tree_pss_non_shmem = max(self.tree_pss_non_shmem, pss - shmem)
+            self.timeline.append((round(elapsed_s, 2), *(round(v / 1024, 1) for v in (rss, pss, shmem))))
+
+
+def peak_rss_of(
+    cmd: Sequence[str],
+    timeout_s: float = 600.0,
+    env: dict[str, str] | None = None,
+    interval_s: float = 0.05,
+    pss_interval_s: float = 0.5,
+) -> dict[str, Any]:
+    """Run ``cmd`` as a child; its exit code, wall seconds and peak memory (MiB) of it and its process tree.
+
+    Returns ``returncode``, ``timed_out``, ``wall_s``, and
+    - ``peak_rss_mib``: the child's own high-water mark (``VmHWM``; the child's memory after exec);
+    - ``tree_peak_rss_mib``: the largest sum of ``VmRSS`` over the child and all its live descendants
+      at one sample (Ray's GCS, raylet and worker processes count). A shared page counts once per
+      process that maps it (Ray's object store is shared memory), so this overstates the tree's use;
+    - ``tree_peak_anon_mib``: the same for ``RssAnon`` (private anonymous memory, no shared pages);
+    - ``tree_peak_pss_mib``: the same for PSS (each shared page divided among its mappers: the
+      tree's actual share of RAM), sampled every ``pss_interval_s`` only (reading it costs ~1 ms a
+      process); ``tree_peak_pss_shmem_mib``: the largest shared-memory part of it (Ray's object
+      store lives there), ``tree_peak_pss_non_shmem_mib``: the largest PSS less that part (the
+      processes' own memory); ``timeline``: ``[seconds, RSS, PSS, PSS shmem]`` (MiB) at those samples;
+    - ``tree_max_processes``, ``samples``, ``stdout``, ``stderr``.
+    The tree is sampled every ``interval_s`` while the child runs, so a peak shorter than that can be
+    missed by the tree figures (``VmHWM`` misses nothing but the last interval). ``wait4``'s
+    ``ru_maxrss`` is not used: Linux carries it over fork + exec, so the child of a large parent
+    reports the parent's high-water mark.
     """
+    if not Path("/proc/self/status").exists():
+        raise OSError("peak_rss_of needs Linux /proc")
     # Output goes to files, not pipes: a child filling a pipe nobody reads would block until the timeout.
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
         start = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=out_f, stderr=err_f, env=env)
-        deadline = start + timeout_s
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.02)
+        # Its own session, so that a timeout can end the whole tree it started (by its process group).
+        proc = subprocess.Popen(list(cmd), stdout=out_f, stderr=err_f, env=env, start_new_session=True)
+        peak = _TreePeak()
+        timed_out = False
+        next_pss = start
+        try:
+            while proc.poll() is None:
+                now = time.perf_counter()
+                peak.sample(proc.pid, now - start, with_pss=now >= next_pss)
+                if now >= next_pss:
+                    next_pss = now + pss_interval_s
+                if now - start > timeout_s:
+                    timed_out = True
+                    break
+                time.sleep(interval_s)
+        finally:
+            if proc.poll() is None:  # timed out, or this process was interrupted (Ctrl-C)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         wall = time.perf_counter() - start
         out_f.seek(0)
         err_f.seek(0)
         out, err = out_f.read().decode(errors="replace"), err_f.read().decode(errors="replace")
-    proc.returncode = os.waitstatus_to_exitcode(status)
     return {
         "returncode": proc.returncode,
+        "timed_out": timed_out,
         "wall_s": wall,
-        "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
+        "peak_rss_mib": peak.root_hwm / 1024,
+        "tree_peak_rss_mib": peak.tree_rss / 1024,
+        "tree_peak_anon_mib": peak.tree_anon / 1024,
+        "tree_peak_pss_mib": peak.tree_pss / 1024,
+        "tree_peak_pss_shmem_mib": peak.tree_pss_shmem / 1024,
+        "tree_peak_pss_non_shmem_mib": peak.tree_pss_non_shmem / 1024,
+        "tree_max_processes": peak.tree_procs,
+        "samples": peak.samples,
+        "timeline": peak.timeline,
         "stdout": out,
         "stderr": err,
     }
+
+
+Reading = tuple[float | None, float | None]  # (utilisation %, memory used MiB)
+
+
+def _nvidia_smi(index: int) -> Reading | None:
+    try:
+        done = subprocess.run(
+            [
+                "nvidia-smi",
+                f"--id={index}",
+                "--query-gpu=utilization.gpu,memory.used",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        util, used = done.stdout.strip().splitlines()[0].split(",")
+        return (float(util), float(used)) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def _gpu_reader() -> tuple[Callable[[], Reading | None], str] | None:
+    """A reader of the GPU's (utilisation %, memory used MiB) and its source's name; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    # Device-wide, so Ray's worker processes count: nvidia-smi, else NVML through torch (utilisation only).
+    if _nvidia_smi(index) is not None:
+        return (lambda: _nvidia_smi(index)), "nvidia-smi"
+    try:
+        torch.cuda.utilization(index)  # needs the NVML bindings (nvidia-ml-py)
+    except Exception:  # noqa: BLE001 - neither source: nothing to record
+        return None
+    return (lambda: (float(torch.cuda.utilization(index)), None)), "torch.cuda.utilization (NVML)"
+
+
+class GpuUtilisation:
+    """Samples the GPU's utilisation (% of time a kernel ran) and memory in use while the ``with`` body runs.
+
+    ``result()``: ``{"mean_pct", "max_pct", "max_memory_used_mib", "samples", "source"}`` (device-wide:
+    other processes' kernels count too), or None on a machine without CUDA (or without nvidia-smi and
+    NVML). Examples::
+
+        with GpuUtilisation() as gpu:
+            step()
+        gpu.result()
+    """
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.values: list[float] = []
+        self.memory: list[float] = []
+        self.source: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> GpuUtilisation:
+        reader = _gpu_reader()
+        if reader is not None:
+            read, self.source = reader
+            self._thread = threading.Thread(target=self._run, args=(read,), daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self, read: Callable[[], Reading | None]) -> None:
+        while not self._stop.wait(self.interval_s):
+            util, used = read() or (None, None)
+            if util is not None:
+                self.values.append(util)
+            if used is not None:
+                self.memory.append(used)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def result(self) -> dict[str, Any] | None:
+        if self.source is None:
+            return None
+        values = self.values or [math.nan]
+        return {
+            "mean_pct": statistics.fmean(values),
+            "max_pct": max(values),
+            "max_memory_used_mib": max(self.memory) if self.memory else None,
+            "samples": len(self.values),
+            "source": self.source,
+        }
 
 
 def _git_commit() -> str | None:

@@ -21,7 +21,7 @@ from acol_core.config import TrainConfig
 from acol_core.data.prepare import prepare_dataset
 from acol_core.data.shards import open_dataset
 from acol_core.data.transforms import table_to_arrays
-from acol_core.train import fit, iterate_minibatches
+from acol_core.train import fit, iterate_minibatches, select_device
 
 from .common import ratio
 
@@ -52,10 +52,13 @@ def run(
 
     local = fit(config, train_batches=batches)
     # A short private temp dir: Ray's socket paths must stay under the 107-byte limit.
-    ray_tmp = tempfile.mkdtemp(prefix="rb")
+    ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.environ.setdefault("RAY_TMPDIR", ray_tmp)
+    # The same device on both sides: fit() takes select_device()'s, the Ray worker a GPU if there is one.
+    gpus = 1.0 if select_device().type == "cuda" else 0.0
+    options = RunOptions(data=uri, storage=str(workdir / "ray_runs"), workers=1, gpus_per_worker=gpus)
     try:
-        result = run_training(config, RunOptions(data=uri, storage=str(workdir / "ray_runs"), workers=1))
+        result = run_training(config, options)
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -70,5 +73,6 @@ def run(
             "epochs": epochs,
             "ray_images_per_s": ray_ips,
             "in_process_images_per_s": local_ips,
+            "device": str(select_device()),
         },
     }

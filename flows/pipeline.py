@@ -7,9 +7,12 @@ repository root::
     .venv/bin/python -m flows.pipeline --preset smoke --run /tmp/smoke   # a minute: 2 models, 32 px
 
 With a Prefect server, a worker and a Ray cluster (the worker's environment has ``RAY_ADDRESS``; the
-deployment ``pipeline/phantom`` is in ``flows/prefect.yaml``)::
+deployment ``pipeline/pipeline-phantom`` is in ``flows/prefect.yaml``)::
 
-    prefect deployment run 'pipeline/phantom' --param run_uri=s3://bucket/runs/mri-1 --watch
+    prefect deployment run 'pipeline/pipeline-phantom' --param run_uri=s3://bucket/runs/mri-1 --watch
+    prefect deployment run 'pipeline/pipeline-phantom' --params '{"run_uri": "runs/p1",
+        "models": [{"label": "acol-d0.8", "model": "acol", "options": {"delta": 0.8}}],
+        "train": {"epochs": 4, "image_size": 64}, "sweep": {"space": "tune/spaces/smoke.yaml", "trials": 2}}'
 
 Each stage is a task that runs (or, with ``RAY_ADDRESS``, submits to the cluster) the Ray work and passes
 URIs on; the run folder's layout is ``acol_core.runs``'s, and ``run.json`` is rewritten after every stage
@@ -19,8 +22,9 @@ so that a run that stopped half-way shows what it finished. Stages:
    unless ``data_uri`` names an existing dataset;
 2. train: one Ray Train run per entry of ``models`` (``<run>/train/<label>``), its best checkpoint's
    export copied to ``<run>/models/<label>.safetensors``;
-3. sweep (optional): ``acol tune`` with a search-space file into ``<run>/sweep/<name>``; its best model
-   joins the run as ``sweep-best``;
+3. sweep (optional): ``acol tune`` with a search space (a YAML file, or the space inline as a dict,
+   saved as ``<run>/sweep/<name>.space.yaml``) into ``<run>/sweep/<name>``; its best model joins the
+   run as ``sweep-best`` (copied to ``<run>/models/sweep-best.safetensors``);
 4. localize: Ray Data batch inference of every model over the val and test splits;
 5. evaluate: every metric on test, thresholds chosen on the fullsup val rows;
 6. report: ``<run>/report/index.html``.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -48,11 +53,15 @@ from acol_core.runs import (
     read_run,
     write_run,
 )
+from acol_core.storage import join
 
-__all__ = ["PRESETS", "check_models", "pipeline", "summary_table"]
+__all__ = ["PRESETS", "SWEEP_LABEL", "check_models", "check_sweep", "main", "pipeline", "summary_table"]
 
+# Tasks write files: a cached result would skip the write, so nothing is cached.
 _TASK = {"cache_policy": NO_CACHE, "persist_result": False}
 _MODELS = ("cam", "acol", "coatt", "acol_coatt")
+_SWEEP_KEYS = {"space", "trials", "name", "max_concurrent_trials"}
+SWEEP_LABEL = "sweep-best"  # the run's label of the sweep's best model
 
 # δ = 0.9 for ACoL on the phantom: its lesions are compact, and with the paper's δ = 0.6 branch A erases
 # the whole lesion, so branch B learns the rest of the brain and the fused map loses to A alone
@@ -62,7 +71,6 @@ DEMO_MODELS: list[dict[str, Any]] = [
     {"label": "acol", "model": "acol", "options": {"delta": 0.9}},
     {"label": "coatt", "model": "coatt", "options": {"pair_policy": "different"}},
     {"label": "acol_coatt", "model": "acol_coatt", "options": {"delta": 0.9, "pair_policy": "different"}},
-    {"label": "cam+anatomy", "model": "cam", "options": {"shared_anatomy": True}},
 ]
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -118,6 +126,38 @@ def check_models(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return checked
 
 
+def check_sweep(sweep: dict[str, Any] | None, labels: list[str]) -> dict[str, Any] | None:
+    """Validate the ``sweep`` parameter before any work: known keys, a space that parses, a safe name.
+
+    ``space`` is a search-space YAML file (path or URI) or the space itself as a dict.
+    """
+    if sweep is None:
+        return None
+    unknown = set(sweep) - _SWEEP_KEYS
+    if unknown:
+        raise ValueError(f"sweep: unknown key(s) {', '.join(sorted(unknown))}")
+    from acol_core.jobs.sweep import load_space, parse_space
+
+    space = sweep.get("space")
+    if isinstance(space, dict):
+        parse_space(space, source="sweep.space")
+    elif isinstance(space, str) and space:
+        load_space(space)
+    else:
+        raise ValueError("sweep: give 'space', a search-space YAML file or the space as a dict")
+    trials = int(sweep.get("trials", 4))
+    if trials < 1:
+        raise ValueError(f"sweep: trials must be >= 1, got {trials}")
+    if SWEEP_LABEL in labels:
+        raise ValueError(f"models: the label {SWEEP_LABEL!r} is kept for the sweep's best model")
+    return {
+        "space": space,
+        "trials": trials,
+        "name": check_label(str(sweep.get("name", "delta"))),
+        "max_concurrent_trials": sweep.get("max_concurrent_trials"),
+    }
+
+
 def _train_config(spec: dict[str, Any], train: dict[str, Any]) -> Any:
     from acol_core.config import TrainConfig
 
@@ -128,51 +168,76 @@ def _train_config(spec: dict[str, Any], train: dict[str, Any]) -> Any:
 def _stage(record: RunRecord, run_uri: str, name: str, started: float) -> None:
     record.stages[name] = round(time.perf_counter() - started, 1)
     write_run(run_uri, record)
+    get_run_logger().info("stage %s done in %.1f s", name, record.stages[name])
+
+
+def _copy(source: str, target: str) -> str:
+    from acol_core.storage import read_bytes, write_bytes
+
+    write_bytes(target, read_bytes(source))
+    return target
 
 
 @task(name="train", task_run_name="train-{spec[label]}", **_TASK)
 def train_task(
     run_uri: str, data_uri: str, spec: dict[str, Any], train: dict[str, Any], workers: int
-) -> dict:
+) -> dict[str, Any]:
     """One Ray Train run; its best checkpoint's export copied to ``<run>/models/<label>.safetensors``."""
     from acol_core.jobs.train_run import RunOptions, run_training
-    from acol_core.storage import join, read_bytes, write_bytes
 
     config = _train_config(spec, train)
     started = time.perf_counter()
-    result = run_training(
-        config, RunOptions(data=data_uri, storage=join(run_uri, "train"), name=spec["label"], workers=workers)
-    )
+    options = RunOptions(data=data_uri, storage=join(run_uri, "train"), name=spec["label"], workers=workers)
+    result = run_training(config, options)
     if result.model_uri is None:
         raise RuntimeError(f"training {spec['label']!r} finished without a checkpoint")
-    target = model_uri(run_uri, spec["label"])
-    write_bytes(target, read_bytes(result.model_uri))
-    get_run_logger().info(
-        "trained %s in %.0f s: %s", spec["label"], time.perf_counter() - started, result.metrics
-    )
-    return {"model_uri": target, "epochs": config.epochs, "backbone": config.backbone,
-            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    seconds = round(time.perf_counter() - started, 1)
+    get_run_logger().info("trained %s in %.0f s: %s", spec["label"], seconds, result.metrics)
+    return {
+        "model_uri": _copy(result.model_uri, model_uri(run_uri, spec["label"])),
+        "epochs": config.epochs,
+        "backbone": config.backbone,
+        "seconds": seconds,
+    }
 
 
-@task(name="sweep", **_TASK)
-def sweep_task(run_uri: str, data_uri: str, sweep: dict[str, Any]) -> dict:
-    """``acol tune`` into ``<run>/sweep/<name>``; returns its summary (best trial, best model URI)."""
+@task(name="sweep", task_run_name="sweep-{sweep[name]}", **_TASK)
+def sweep_task(run_uri: str, data_uri: str, sweep: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``acol tune`` into ``<run>/sweep/<name>``; returns its summary, with the best model's copy as
+    ``model_uri`` (None when no trial produced a model)."""
     from acol_core.jobs.sweep import run_sweep
-    from acol_core.storage import join
+    from acol_core.storage import write_bytes
 
+    space = sweep["space"]
+    if isinstance(space, dict):
+        import yaml
+
+        space_file = join(run_uri, "sweep", f"{sweep['name']}.space.yaml")
+        write_bytes(space_file, yaml.safe_dump(space, sort_keys=False).encode())
+        space = space_file
+    started = time.perf_counter()
     result = run_sweep(
-        sweep["space"],
-        data_uri,
-        int(sweep.get("trials", 4)),
-        join(run_uri, "sweep"),
-        name=check_label(str(sweep.get("name", "delta"))),
-        max_concurrent_trials=sweep.get("max_concurrent_trials"),
+        space, data_uri, sweep["trials"], join(run_uri, "sweep"), name=sweep["name"],
+        max_concurrent_trials=sweep["max_concurrent_trials"], seed=seed,
+    )  # fmt: skip
+    summary = result.to_dict()
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    best_model = result.best_model_uri
+    summary["model_uri"] = _copy(best_model, model_uri(run_uri, SWEEP_LABEL)) if best_model else None
+    best = result.best
+    get_run_logger().info(
+        "sweep %s: %s in %.0f s; best %s",
+        sweep["name"],
+        result.counts,
+        summary["seconds"],
+        best and best["params"],
     )
-    return result.to_dict()
+    return summary
 
 
 @task(name="localize", task_run_name="localize-{label}", **_TASK)
 def localize_task(run_uri: str, data_uri: str, label: str, model: str) -> str:
+    """Ray Data batch inference of one model over the val and test rows into ``<run>/predictions/<label>``."""
     from acol_core.jobs.localize_job import run_localize
 
     output = predictions_uri(run_uri, label)
@@ -183,12 +248,16 @@ def localize_task(run_uri: str, data_uri: str, label: str, model: str) -> str:
 
 @task(name="evaluate", task_run_name="evaluate-{label}", **_TASK)
 def evaluate_task(run_uri: str, data_uri: str, label: str, predictions: str) -> str:
+    """Every metric on test (thresholds chosen on fullsup val rows) into ``<run>/evaluation/<label>.json``."""
     from acol_core.evaluate import evaluate_predictions
     from acol_core.storage import write_bytes
 
     report = evaluate_predictions(predictions, data_uri, split="test")
     target = evaluation_uri(run_uri, label)
     write_bytes(target, (json.dumps(report, indent=2) + "\n").encode())
+    pxap = report.get("localization", {}).get("overall", {}).get("pxap")  # absent without mask rows
+    shown = "-" if pxap is None else f"{pxap:.3f}"
+    get_run_logger().info("evaluated %s on %s test rows: PxAP %s", label, report.get("rows"), shown)
     return target
 
 
@@ -212,27 +281,29 @@ def pipeline(
     workers: int = 1,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Run every stage for one dataset into the run folder ``run_uri``; returns the run record.
+    """Run every stage for one dataset into the run folder ``run_uri``; returns the run record and the
+    report's URI.
 
     Args:
-        run_uri: the run folder (path or s3://); rewritten stage by stage.
+        run_uri: the run folder (path or s3://); ``run.json`` is rewritten stage by stage.
         source, input_uri, source_options: what ``acol prepare`` takes (ignored with ``data_uri``).
         data_uri: an existing dataset to use instead of preparing one into ``<run>/data``.
         models: ``[{"label", "model", "options", "epochs"?}]``; default: cam, acol, coatt, acol_coatt.
-        train: ``TrainConfig`` fields shared by every model (backbone, epochs, image_size, ...).
-        sweep: ``{"space": YAML path, "trials": N, "name": "delta"}`` for an ``acol tune`` stage.
+        train: ``TrainConfig`` fields shared by every model (backbone, epochs, image_size, batch_size, ...).
+        sweep: ``{"space": YAML file or dict, "trials": N, "name": "delta", "max_concurrent_trials"?}``.
         workers: Ray Train workers per model.
+        seed: the dataset's split and phantom, the training runs' (unless ``train`` sets one), the sweep's.
     """
-    from acol_core.jobs import ray_init
-    from acol_core.storage import join
-
     log = get_run_logger()
+    # Every parameter is checked before any work: a bad one fails the run with one clear line.
     specs = check_models(models or [{"model": m} for m in _MODELS])
     train = {"seed": seed, **(train or {})}
     for spec in specs:
-        _train_config(spec, train)  # bad settings fail here, before any work
-    if sweep is not None and not sweep.get("space"):
-        raise ValueError("sweep: give a search-space file as 'space'")
+        _train_config(spec, train)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    sweep = check_sweep(sweep, [spec["label"] for spec in specs])
+    from acol_core.jobs import ray_init
     from acol_core.storage import check_reachable
 
     check_reachable(run_uri)
@@ -245,20 +316,17 @@ def pipeline(
     if data_uri is None:
         from flows.preprocess import preprocess
 
+        log.info("stage preprocess: %s -> %s", source, record.data_uri)
         summary = preprocess(
             source=source, output_uri=record.data_uri, input_uri=input_uri, seed=seed,
             source_options=dict(source_options or {}),
         )  # fmt: skip
-        log.info(
-            "preprocess: %s rows (%s) in %.0f s",
-            summary["rows"],
-            summary["split_counts"],
-            time.perf_counter() - started,
-        )
+        log.info("preprocess: %s rows (%s)", summary["rows"], summary["split_counts"])
     _stage(record, run_uri, "preprocess", started)
 
     ray_init(dashboard=sweep is not None)
     started = time.perf_counter()
+    log.info("stage train: %s", ", ".join(spec["label"] for spec in specs))
     for spec in specs:
         trained = train_task(run_uri, record.data_uri, spec, train, workers)
         record.models[spec["label"]] = ModelEntry(model=spec["model"], options=spec["options"], **trained)
@@ -267,19 +335,21 @@ def pipeline(
 
     if sweep is not None:
         started = time.perf_counter()
-        result = sweep_task(run_uri, record.data_uri, sweep)
+        log.info("stage sweep: %d trials of %s", sweep["trials"], sweep["space"])
+        result = sweep_task(run_uri, record.data_uri, sweep, seed)
         record.sweep_uri = result["sweep_uri"]
         best = result.get("best")
-        if best and result.get("best_model_uri"):
-            options = {k: v for k, v in best["config"].get("model_options", {}).items()}
-            record.models["sweep-best"] = ModelEntry(
-                model=best["config"]["model"], options=options, backbone=best["config"]["backbone"],
-                epochs=best["config"]["epochs"], model_uri=result["best_model_uri"], source="sweep",
+        if best and result["model_uri"]:
+            config = best["config"]
+            record.models[SWEEP_LABEL] = ModelEntry(
+                model=config["model"], options=dict(config.get("model_options") or {}),
+                backbone=config["backbone"], epochs=config["epochs"], model_uri=result["model_uri"],
+                source="sweep", seconds=result["seconds"],
             )  # fmt: skip
-        log.info("sweep: %s, best %s", result["counts"], best and best["params"])
         _stage(record, run_uri, "sweep", started)
 
     started = time.perf_counter()
+    log.info("stage localize: %d models", len(record.models))
     for label, entry in record.models.items():
         entry.predictions_uri = localize_task(run_uri, record.data_uri, label, entry.model_uri)
         write_run(run_uri, record)
@@ -288,6 +358,7 @@ def pipeline(
     started = time.perf_counter()
     for label, entry in record.models.items():
         entry.evaluation_uri = evaluate_task(run_uri, record.data_uri, label, entry.predictions_uri)
+        write_run(run_uri, record)
     _stage(record, run_uri, "evaluate", started)
 
     started = time.perf_counter()
@@ -318,13 +389,31 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     parser.add_argument("--run", default=None, help="run folder [default: runs/<preset>]")
     parser.add_argument("--data", default=None, help="use this dataset instead of preparing the phantom")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the preset's δ sweep")
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    parser.add_argument("--sweep", default=None, metavar="SPACE", help="sweep this search-space YAML")
+    parser.add_argument("--trials", type=int, default=None, help="sweep trials [default: the preset's, or 4]")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the preset's sweep")
     return parser.parse_args(argv)
 
 
+def _sweep_of(args: argparse.Namespace, preset: dict[str, Any]) -> dict[str, Any] | None:
+    if args.no_sweep:
+        return None
+    sweep = dict(preset["sweep"] or {}) | ({"space": args.sweep} if args.sweep else {})
+    if args.trials is not None:
+        sweep["trials"] = args.trials
+    return sweep or None
+
+
 def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run a preset locally (ephemeral Prefect API, in-process Ray); print the metrics table and the
+    report's path. Known failures are one line on stderr: exit 2 for bad input, 1 for a failed stage."""
+    from acol_core.cli import _run_failures, _user_errors
+
     args = _parse_args(argv)
+    # The stages log their own progress; Ray Data's bars (from every Train worker too) would bury it.
+    # Set before Ray starts, so that its processes inherit it.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     preset = PRESETS[args.preset]
     run_uri = args.run or f"runs/{args.preset}"
     train = dict(preset["train"]) | ({"epochs": args.epochs} if args.epochs else {})
@@ -336,10 +425,13 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
             data_uri=args.data,
             models=preset["models"],
             train=train,
-            sweep=None if args.no_sweep else preset["sweep"],
+            sweep=_sweep_of(args, preset),
         )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"pipeline: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    except _run_failures() as exc:
+        print(f"\npipeline: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except _user_errors() as exc:
+        print(f"\npipeline: error: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     record = read_run(run_uri)
     echo("")

@@ -17,11 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED_RATIOS = {
     "train_cost": {"acol_over_cam_tiny", "coatt_pair_over_two_cam_tiny", "coatt_over_cam_batch_tiny"},
-    "coattention_memory": {"memory_efficient_over_naive_28", "time_efficient_over_naive_28"},
+    "coattention_memory": {"memory_auto_over_naive_28", "time_auto_over_naive_28"},
     "data_path": {"loader_over_raw_png", "loader_over_train_tiny"},
-    "preprocess": {"parquet_over_png_files", "two_over_one_task"},
+    "preprocess": {
+        "parquet_over_png_files_phantom",
+        "two_over_one_task_phantom",
+        "parquet_over_png_files_nifti",
+        "two_over_one_task_nifti",
+    },
 }
-SKIPPED_IN_SMOKE = {"ray_train", "localize"}
+SKIPPED_IN_SMOKE = {"ray_train", "localize", "memory"}
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +68,27 @@ def test_environment_is_recorded(report: dict) -> None:
         assert key in env
     assert env["torch_threads"] >= 1 and len(env["load_average"]) == 3
     assert report["mode"] == "smoke"
+
+
+def test_coattention_rows_cover_every_implementation(report: dict) -> None:
+    rows = report["benchmarks"]["coattention_memory"]["details"]["rows"]
+    assert {(r["impl"], r["size"]) for r in rows} == {("naive", 28), ("sdpa", 28), ("auto", 28)}
+    for row in rows:
+        assert row["peak_mib"] >= 0 and row["time_ms"] > 0 and row["rounds"] >= 1
+    # 28×28, one pair: 2.3 MiB of affinity, over the 1 MiB budget, so the models take the SDPA path.
+    assert next(r for r in rows if r["impl"] == "auto")["path"] == "sdpa"
+
+
+def test_memory_dataset_puts_every_row_in_train(tmp_path: Path) -> None:
+    from benchmarks.memory import make_dataset
+
+    info = make_dataset(str(tmp_path / "ds"), subjects=2, slices=3, size=32)
+    assert info["rows"] == 6 and info["disk_mib"] > 0 and len(info["class_names"]) >= 2
+
+
+def test_memory_child_failure_is_reported_not_raised(tmp_path: Path) -> None:
+    from benchmarks.memory import measure_run
+
+    res = measure_run("no-such-run", {"threads": 0}, timeout_s=120)
+    assert res["returncode"] != 0 and "no-such-run" in res["error"]
+    assert res["samples"] >= 1 and not res["timed_out"]

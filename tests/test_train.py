@@ -29,8 +29,11 @@ def _toy_arrays(n: int = 48, size: int = 32, seed: int = 0) -> dict[str, np.ndar
         images[i, 0, y : y + 10, x : x + 10] += 2.0
         masks[i, y : y + 10, x : x + 10] = 1
     return {
-        "image": images, "label": labels.astype(np.int64), "mask": masks,
-        "anatomy_mask": np.zeros_like(masks), "fullsup": np.ones(n, bool),
+        "image": images,
+        "label": labels.astype(np.int64),
+        "mask": masks,
+        "anatomy_mask": np.zeros_like(masks),
+        "fullsup": np.ones(n, bool),
     }
 
 
@@ -42,7 +45,9 @@ def _config(**kw) -> TrainConfig:
 def _fit(config: TrainConfig, data: dict, **kw):
     return fit(
         config,
-        train_batches=lambda e: iterate_minibatches(data, config.batch_size, np.random.default_rng([0, e]), False),
+        train_batches=lambda e: iterate_minibatches(
+            data, config.batch_size, np.random.default_rng([0, e]), False
+        ),
         val_batches=lambda: iterate_minibatches(data, 32, None, False),
         **kw,
     )
@@ -124,7 +129,12 @@ def test_predict_uses_given_label_or_prediction():
 
 def test_localization_metrics_skip_rows_without_object():
     data = _toy_arrays(n=8)
-    pred = {"pred": data["label"], "label": data["label"], "mask": data["mask"], "cam": data["mask"].astype(float)}
+    pred = {
+        "pred": data["label"],
+        "label": data["label"],
+        "mask": data["mask"],
+        "cam": data["mask"].astype(float),
+    }
     metrics = localization_metrics(pred)
     assert metrics["localized_rows"] == 4
     assert metrics["pxap"] == pytest.approx(1.0)

@@ -15,7 +15,15 @@ import torch.nn.functional as F
 
 from acol_core.data.codec import decode_png
 
-__all__ = ["IGNORE", "NORMALIZATION", "augment_batch", "decode_rows", "prepare_image", "standardize", "table_to_arrays"]
+__all__ = [
+    "IGNORE",
+    "NORMALIZATION",
+    "augment_batch",
+    "decode_rows",
+    "prepare_image",
+    "standardize",
+    "table_to_arrays",
+]
 
 IGNORE = 255
 
@@ -82,7 +90,9 @@ def decode_rows(
     """
     images = [prepare_image(decode_png(bytes(b)), in_channels, size) for b in rows["image"]]
     out: dict[str, np.ndarray] = {
-        "image": standardize(np.stack(images)) if images else np.zeros((0, in_channels, size, size), np.float32),
+        "image": standardize(np.stack(images))
+        if images
+        else np.zeros((0, in_channels, size, size), np.float32),
         "label": np.asarray(rows["label"], dtype=np.int64),
     }
     if with_masks:
@@ -117,7 +127,9 @@ def augment_batch(batch: dict[str, np.ndarray], rng: np.random.Generator, max_sh
     return out
 
 
-def table_to_arrays(table: Any, in_channels: int, size: int, with_masks: bool = True) -> dict[str, np.ndarray]:
+def table_to_arrays(
+    table: Any, in_channels: int, size: int, with_masks: bool = True
+) -> dict[str, np.ndarray]:
     """Decode a whole (small) pyarrow table in memory; the plain-process path of tests and the demo."""
     columns = [c for c in ("image", "label", "mask", "anatomy_mask", "fullsup") if c in table.column_names]
     arrays = decode_rows(table.select(columns).to_pydict(), in_channels, size, with_masks=with_masks)

@@ -24,11 +24,13 @@ Differences to the reference code, on purpose: it uses a second classifier for t
 one classifier is shared, as in the paper's text), trains both directions of each pair plus pairs of an
 image with augmented copies of itself, and adds the contrastive loss from epoch 2 on.
 
-Memory: the A×B affinity is never built on the hot path. `attend` runs each direction through
-`scaled_dot_product_attention` (query = W_P-projected positions of the attending image, key = value =
-the partner's positions, `scale=1.0`), whose fused kernels (flash on CPU and CUDA, memory-efficient on
-CUDA) work in tiles and recompute in the backward pass. `coattention_naive` is the reference that builds
-P; `benchmarks/coattention_memory.py` compares the two.
+Memory: the A×B affinity is never built whole on the hot path unless it is small. `attend` runs each
+direction through `scaled_dot_product_attention` (query = W_P-projected positions of the attending
+image, key = value = the partner's positions, `scale=1.0`), whose fused kernels (flash on CPU and CUDA,
+memory-efficient on CUDA) work in tiles and recompute in the backward pass; while the batch's affinity
+fits `AFFINITY_BUDGET_BYTES` (1 MiB: 64 pairs of 8×8 maps) it builds it instead, which is faster at
+that size (`attention_path`). `coattention_naive` is the reference that builds P;
+`benchmarks/coattention_memory.py` compares naive, SDPA and the automatic choice.
 
 `acol_coatt` (no published code has it): branch A is the co-attention head above (single-image,
 co-attended and contrastive terms, one classifier). A's single-image map for the target class (label in
@@ -66,12 +68,15 @@ from .heads import ClassMapHead, WsolModel, gap, head_size
 from .registry import register_model
 
 __all__ = [
+    "AFFINITY_BUDGET_BYTES",
+    "ATTENTION_PATHS",
     "PAIR_POLICIES",
     "AcolCoattModel",
     "CoAttention",
     "CoattModel",
     "acol_coatt",
     "attend",
+    "attention_path",
     "coatt",
     "coattention_efficient",
     "coattention_naive",
@@ -84,6 +89,9 @@ __all__ = [
 
 PAIR_POLICIES = ("same", "different", "mixed")
 EVAL_PAIR_SEED = 0
+ATTENTION_PATHS = ("auto", "materialised", "sdpa")
+# Largest affinity (bytes, whole batch) that `attend` builds whole; see `attention_path`.
+AFFINITY_BUDGET_BYTES = 2**20
 
 
 # ---------------------------------------------------------------- pairing (pure)
@@ -192,30 +200,68 @@ def coattention_naive(f_m: Tensor, f_n: Tensor, weight: Tensor) -> tuple[Tensor,
     return att_m.reshape(f_m.shape), att_n.reshape(f_n.shape)
 
 
-def attend(f_q: Tensor, f_kv: Tensor, weight: Tensor) -> Tensor:
+def attention_path(batch: int, positions_q: int, positions_kv: int, element_size: int = 4) -> str:
+    """`attend`'s path: "materialised" if the batch's affinity fits `AFFINITY_BUDGET_BYTES`, else "sdpa".
+
+    A small affinity is cheaper to build whole than to tile: on CPU (1 thread, D=128, one direction,
+    forward + backward) SDPA's fused kernel took 5-25 % longer than two matmuls and a softmax on 8×8 and
+    12×12 maps (batches of 8-64, affinity <= 1 MiB), and as long or less from ~1.2 MiB on (0.85-0.95×
+    on one pair of 28×28 maps, 0.4× on 56×56). The budget also caps what the materialised path can cost
+    in memory, whatever the map size: a few times the budget.
+
+    Examples:
+        >>> attention_path(32, 8 * 8, 8 * 8)  # the tiny backbone at 64² input: 0.5 MiB
+        'materialised'
+        >>> attention_path(1, 28 * 28, 28 * 28)  # vgg16 at 224² input, one pair: 2.3 MiB
+        'sdpa'
+    """
+    if min(batch, positions_q, positions_kv, element_size) < 0:
+        raise ValueError("sizes must be >= 0")
+    affinity_bytes = batch * positions_q * positions_kv * element_size
+    return "materialised" if affinity_bytes <= AFFINITY_BUDGET_BYTES else "sdpa"
+
+
+def _attend_materialised(query: Tensor, key: Tensor) -> Tensor:
+    """N×A×D queries, N×B×D keys (= values) -> N×D×A, through the whole N×A×B affinity."""
+    affinity = query @ key.transpose(1, 2)
+    return key.transpose(1, 2) @ affinity.softmax(dim=2).transpose(1, 2)
+
+
+def _attend_sdpa(query: Tensor, key: Tensor) -> Tensor:
+    """The same through `scaled_dot_product_attention`, which never builds the affinity."""
+    out = F.scaled_dot_product_attention(query.unsqueeze(1), key.unsqueeze(1), key.unsqueeze(1), scale=1.0)
+    return out.squeeze(1).transpose(1, 2)
+
+
+def attend(f_q: Tensor, f_kv: Tensor, weight: Tensor, path: str = "auto") -> Tensor:
     """Features of `f_q`'s images gathered from their partners `f_kv`: F_kv softmax_rows(F_qᵀ W F_kv)ᵀ.
 
-    Same result as `coattention_naive(f_q, f_kv, weight)[0]`, through `scaled_dot_product_attention`
-    so that the affinity matrix is never materialised (4-D inputs, which its fused kernels need).
+    Same result as `coattention_naive(f_q, f_kv, weight)[0]`. `path`: "sdpa" (through
+    `scaled_dot_product_attention`, so that the affinity matrix is never materialised), "materialised"
+    (the affinity built whole), or "auto" (`attention_path`'s choice: whole only while it is small).
     """
     _check_pair(f_q, f_kv, weight)
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"path must be one of {', '.join(ATTENTION_PATHS)}, got {path!r}")
     n, d, h, w = f_q.shape
     query = F.linear(f_q.flatten(2).transpose(1, 2), weight)  # row i = (W f_q,i)ᵀ
     # Fused kernels need a unit-stride last dim (else SDPA silently falls back to the HW×HW math path),
     # and one dtype (under autocast the projection comes out in low precision).
     key = f_kv.flatten(2).transpose(1, 2).to(query.dtype).contiguous()
-    out = F.scaled_dot_product_attention(query.unsqueeze(1), key.unsqueeze(1), key.unsqueeze(1), scale=1.0)
-    return out.squeeze(1).transpose(1, 2).reshape(n, d, h, w)
+    if path == "auto":
+        path = attention_path(n, h * w, key.shape[1], query.element_size())
+    out = _attend_materialised(query, key) if path == "materialised" else _attend_sdpa(query, key)
+    return out.reshape(n, d, h, w)
 
 
 def coattention_efficient(f_m: Tensor, f_n: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """`coattention_naive` without the affinity matrix: both directions through `attend`.
+    """`coattention_naive` without the affinity matrix: both directions through `attend`'s SDPA path.
 
     The column direction is the row direction with roles swapped and W_P transposed:
     P[i, j] = (W f_m,i) · f_n,j = (Wᵀ f_n,j) · f_m,i.
     """
     _check_pair(f_m, f_n, weight)
-    return attend(f_m, f_n, weight), attend(f_n, f_m, weight.t())
+    return attend(f_m, f_n, weight, path="sdpa"), attend(f_n, f_m, weight.t(), path="sdpa")
 
 
 def contrastive_features(features: Tensor, gate_logits: Tensor) -> Tensor:
