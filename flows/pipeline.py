@@ -79,6 +79,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "models": DEMO_MODELS,
         "train": {"epochs": 12, "image_size": 96, "batch_size": 16},
         "sweep": {"space": "tune/spaces/demo_delta.yaml", "trials": 4, "name": "delta"},
+        # 5 per class (10 slices) made the "best" checkpoint a noisy pick of early, barely trained epochs.
+        "fullsup_per_class": 20,
     },
     "smoke": {
         "source_options": {"num_subjects": 12, "slices_per_subject": 4, "size": 32},
@@ -280,6 +282,7 @@ def pipeline(
     sweep: dict[str, Any] | None = None,
     workers: int = 1,
     seed: int = 0,
+    fullsup_per_class: int = 5,
 ) -> dict[str, Any]:
     """Run every stage for one dataset into the run folder ``run_uri``; returns the run record and the
     report's URI.
@@ -293,6 +296,7 @@ def pipeline(
         sweep: ``{"space": YAML file or dict, "trials": N, "name": "delta", "max_concurrent_trials"?}``.
         workers: Ray Train workers per model.
         seed: the dataset's split and phantom, the training runs' (unless ``train`` sets one), the sweep's.
+        fullsup_per_class: val rows per class whose masks choose checkpoints, δ and thresholds.
     """
     log = get_run_logger()
     # Every parameter is checked before any work: a bad one fails the run with one clear line.
@@ -319,7 +323,7 @@ def pipeline(
         log.info("stage preprocess: %s -> %s", source, record.data_uri)
         summary = preprocess(
             source=source, output_uri=record.data_uri, input_uri=input_uri, seed=seed,
-            source_options=dict(source_options or {}),
+            fullsup_per_class=fullsup_per_class, source_options=dict(source_options or {}),
         )  # fmt: skip
         log.info("preprocess: %s rows (%s)", summary["rows"], summary["split_counts"])
     _stage(record, run_uri, "preprocess", started)
@@ -426,6 +430,7 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
             models=preset["models"],
             train=train,
             sweep=_sweep_of(args, preset),
+            fullsup_per_class=preset.get("fullsup_per_class", 5),
         )
     except _run_failures() as exc:
         print(f"\npipeline: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -55,6 +55,7 @@ MODEL_FILE = "model.safetensors"
 HISTORY_FILE = "history.json"
 _COLUMNS = ["image", "label", "mask", "anatomy_mask", "fullsup"]
 _VAL_BATCH = 64
+_SHUFFLE_ROWS = 512  # rows in each worker's local shuffle buffer (at least)
 _CHECKPOINT_DIR = re.compile(r"^checkpoint_\d")  # Ray Train's names: checkpoint_<timestamp>
 
 
@@ -244,7 +245,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batches = train_shard.iter_batches(
             batch_size=config.batch_size,
             batch_format="numpy",
-            local_shuffle_buffer_size=4 * config.batch_size,
+            # Shards hold rows in subject order: a window of a few batches gave batches of a few subjects
+            # each, and the phantom's models learned far more slowly than with a full shuffle in-process.
+            local_shuffle_buffer_size=max(4 * config.batch_size, _SHUFFLE_ROWS),
             # Seeded by epoch (not by how often this worker group iterated): a resumed epoch sees the
             # order the uninterrupted run would have seen.
             local_shuffle_seed=config.seed * 1000 + epoch * 10 + rank,
