@@ -278,7 +278,9 @@ def _images(dataset: Any, ids: set[str]) -> dict[str, np.ndarray]:
 
 def _metrics_table(views: list[_ModelView], baseline: dict[str, float]) -> str:
     head = "".join(f"<th>{_e(title)}</th>" for title, _ in COLUMNS)
-    lines = [f"<table><tr><th>model</th><th>architecture</th><th>object rows</th>{head}</tr>"]
+    lines = [
+        f"<div class='wide'><table><tr><th>model</th><th>architecture</th><th>object rows</th>{head}</tr>"
+    ]
     for view in views:
         entry = view.entry
         options = ", ".join(f"{k}={v}" for k, v in entry.options.items())
@@ -286,12 +288,12 @@ def _metrics_table(views: list[_ModelView], baseline: dict[str, float]) -> str:
         rows = _get(view.evaluation, ("localization", "overall", "pixel_rows"))
         cells = "".join(f"<td>{_fmt(_get(view.evaluation, path))}</td>" for _, path in COLUMNS)
         lines.append(
-            f"<tr><td>{_e(view.label)}</td><td>{_e(arch)}</td><td>{_fmt(rows, 'g')}</td>{cells}</tr>"
+            f"<tr><td>{_e(view.label)}</td><td class='arch'>{_e(arch)}</td><td>{_fmt(rows, 'g')}</td>{cells}</tr>"
         )
     if baseline:
         cells = "".join(f"<td>{_fmt(baseline.get(title))}</td>" for title, _ in COLUMNS)
         lines.append(f"<tr class='baseline'><td>{BASELINE}</td><td>baseline map</td><td></td>{cells}</tr>")
-    lines.append("</table>")
+    lines.append("</table></div>")
     return "\n".join(lines)
 
 
@@ -419,6 +421,9 @@ th, td { border: 1px solid #bbb; padding: 4px 8px; text-align: right; }
 th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) { text-align: left; }
 tr.baseline { color: #666; font-style: italic; }
 table.small { font-size: 80%; }
+div.wide { overflow-x: auto; max-width: 100%; }
+td.arch { max-width: 16em; font-size: 85%; }
+th { vertical-align: bottom; }
 img { max-width: 100%; display: block; margin: 0.5em 0; }
 """
 

@@ -146,7 +146,7 @@ def test_table_shows_the_evaluation_numbers_and_the_baseline(run: str, page: Pat
     for label in MODELS:
         evaluation = _evaluation(run, label)
         row = re.search(rf"<tr><td>{label}</td>.*?</tr>", text).group(0)
-        cells = re.findall(r"<td>([^<]*)</td>", row)[3:]
+        cells = re.findall(r"<td[^>]*>([^<]*)</td>", row)[3:]
         assert len(cells) == len(COLUMNS)
         for (title, path), cell in zip(COLUMNS, cells, strict=True):
             value = evaluation

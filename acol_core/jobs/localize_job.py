@@ -49,7 +49,7 @@ from acol_core.predictions import (
     staging_uri,
     volume_plan,
 )
-from acol_core.train import autocast, select_device
+from acol_core.train import autocast, flush_denormals, select_device
 
 __all__ = [
     "ACTOR_RESTARTS",
@@ -244,6 +244,7 @@ class Localizer:
         if expected_sha256 is not None and checksum != expected_sha256:
             raise RuntimeError(f"model file {model_uri} changed during the run (sha256 {checksum[:12]}…)")
         self.device = select_device(device)
+        flush_denormals(self.device)
         self.model, self.info = load_exported(data, device=self.device)
         self.threshold = model_threshold(self.info, threshold)
         self.identity = (self.info.config.model, checksum)
