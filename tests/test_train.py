@@ -10,10 +10,12 @@ from acol_core.config import ConfigError, TrainConfig
 from acol_core.export import ExportError, export_bytes, load_exported, read_export_info
 from acol_core.train import (
     checkpoint_bytes,
+    build_model,
     fit,
     iterate_minibatches,
     load_checkpoint_bytes,
     localization_metrics,
+    make_optimizer,
     predict,
 )
 
@@ -61,11 +63,27 @@ def _fit(config: TrainConfig, data: dict, **kw):
         ({"model_options": {"delta": 1.5}}, "delta"),
         ({"bogus": 1}, "unknown config keys: bogus"),
         ({"amp": "fp8"}, "amp"),
+        ({"head_lr_mult": 0.0}, "head_lr_mult"),
     ],
 )
 def test_config_rejects_bad_values(values, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_dict(values)
+
+
+@pytest.mark.parametrize(
+    "values, head_lr",
+    [
+        ({}, 0.02),
+        ({"pretrained": "vgg16.pth"}, 0.2),
+        ({"pretrained": "vgg16.pth", "head_lr_mult": 3.0}, 0.06),
+    ],
+)
+def test_heads_train_at_10x_only_when_fine_tuning(values, head_lr):
+    """ACoL's 10x heads are a fine-tuning recipe; from scratch the heads train at the backbone's rate."""
+    model = build_model(_config())
+    groups = make_optimizer(model, _config(**values)).param_groups
+    assert [(g["name"], g["lr"]) for g in groups] == [("backbone", 0.02), ("heads", pytest.approx(head_lr))]
 
 
 def test_config_round_trips_through_plain_dict():

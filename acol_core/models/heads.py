@@ -106,7 +106,8 @@ class WsolModel(nn.Module):
             Subclasses may add keys and keyword inputs (e.g. an image pairing) but keep these.
         compute_loss(outputs, labels) -> dict with "loss" (the total, a scalar) plus the parts named in
             `loss_names`.
-        param_groups(lr) -> optimiser groups: backbone at `lr`, everything else at 10 × `lr` (ACoL's recipe).
+        param_groups(lr, head_lr_mult) -> optimiser groups: backbone at `lr`, everything else at
+            `head_lr_mult` × `lr` (ACoL fine-tunes with 10; `TrainConfig` uses 1 from scratch).
 
     Attributes:
         branch_names: names of the branches, in the order of "branch_logits".
