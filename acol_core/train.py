@@ -157,11 +157,15 @@ def train_epoch(
     device: torch.device,
     amp: str = "auto",
 ) -> dict[str, float]:
-    """One pass over ``batches``; returns mean loss, train accuracy, images and images/s."""
+    """One pass over ``batches``; returns mean loss, train accuracy, images, images/s and the wait for
+    the first batch (a streaming loader's start-up each epoch)."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
+    first_batch_s = 0.0
     for batch in batches:
+        if not seen:
+            first_batch_s = time.perf_counter() - started
         images = _to_tensor(batch["image"], device, torch.float32)
         labels = _to_tensor(batch["label"], device, torch.long)
         with autocast(device, amp):
@@ -179,6 +183,7 @@ def train_epoch(
         "train_accuracy": correct / max(seen, 1),
         "train_images": float(seen),
         "train_images_per_s": seen / max(elapsed, 1e-9),
+        "train_first_batch_s": first_batch_s,
     }
 
 

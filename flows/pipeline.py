@@ -79,7 +79,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "models": DEMO_MODELS,
         # lr 0.02 (heads at 1x from scratch): at 0.01 the CAM reached test PxAP 0.80-0.82 but accuracy
         # only 0.88-0.93; at 0.03 it collapsed in 2 of 3 seeds (the README's recipe study).
-        "train": {"epochs": 12, "image_size": 96, "batch_size": 16, "lr": 0.02},
+        # Every core for torch in the one train worker (Ray would give its 0.5 CPU share 1 thread): the
+        # models train one after another and Ray Data's decoding of 96 px slices is light.
+        "train": {
+            "epochs": 12,
+            "image_size": 96,
+            "batch_size": 16,
+            "lr": 0.02,
+            "num_threads": os.cpu_count() or 1,
+        },
         "sweep": {"space": "tune/spaces/demo_delta.yaml", "trials": 4, "name": "delta"},
         # 5 per class (10 slices) made the "best" checkpoint a noisy pick of early, barely trained epochs.
         "fullsup_per_class": 20,
