@@ -265,6 +265,25 @@ def _rows(model_uri: str) -> list[dict]:
     ]
 
 
+def test_best_epoch_is_taken_from_the_second_half_of_the_plan() -> None:
+    """An early spike of the noisy val metric does not pick a barely trained model (the demo's sweep did)."""
+    from acol_core.jobs.sweep import _best_epoch, _best_row
+
+    space = parse_space({**BASE, "fixed": {**TINY, "model": "acol", "epochs": 8},
+                         "params": {"delta": {"type": "float", "low": 0.5, "high": 0.9}}})  # fmt: skip
+    history = [{"epoch": e, "val_pxap": v} for e, v in enumerate([0.2, 0.6, 0.3, 0.3, 0.4, 0.45, 0.3, 0.35])]
+    best, settled = _best_epoch(history, space, 8)
+    assert (best["epoch"], best["val_pxap"], settled) == (5, 0.45, True)
+    best, settled = _best_epoch(history[:3], space, 8)  # stopped by ASHA after 3 epochs
+    assert (best["epoch"], settled) == (1, False)
+    rows = [
+        {"trial_id": "early", "status": "stopped", "best_val_pxap": 0.6, "best_settled": False},
+        {"trial_id": "full", "status": "completed", "best_val_pxap": 0.45, "best_settled": True},
+    ]
+    assert _best_row(rows, space)["trial_id"] == "full"
+    assert _best_row(rows[:1], space)["trial_id"] == "early"  # nothing settled: the best there is
+
+
 @pytest.fixture()
 def model_uri(tmp_path: Path) -> str:
     config = TrainConfig.from_dict({**TINY, "model": "acol", "model_options": {"delta": 0.8}})
