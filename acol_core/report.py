@@ -283,7 +283,9 @@ def _metrics_table(views: list[_ModelView], baseline: dict[str, float]) -> str:
     ]
     for view in views:
         entry = view.entry
-        options = ", ".join(f"{k}={v}" for k, v in entry.options.items())
+        options = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.options.items()
+        )
         arch = f"{entry.model} / {entry.backbone}" + (f" ({options})" if options else "")
         rows = _get(view.evaluation, ("localization", "overall", "pixel_rows"))
         cells = "".join(f"<td>{_fmt(_get(view.evaluation, path))}</td>" for _, path in COLUMNS)
