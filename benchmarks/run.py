@@ -64,7 +64,15 @@ MODES: dict[str, dict[str, Any]] = {
         "preprocess": {"subjects": 16, "slices": 16, "size": 64},
         # Ray start + 3 epochs of 448 rows: ~70 s on the loaded 2-CPU machine.
         "ray_train": {"subjects": 40, "slices": 16, "size": 64, "batch": 16, "epochs": 3},
-        "localize": {"subjects": 20, "slices": 8, "size": 64, "batch": 16, "object_store_mib": 100},
+        # 96 and 480 test rows (scale 5): Ray's fixed cost and its steady throughput apart.
+        "localize": {
+            "subjects": 20,
+            "slices": 8,
+            "size": 64,
+            "batch": 16,
+            "object_store_mib": 100,
+            "scale": 5,
+        },
         # 1× = the 80 MiB object store in decoded rows (432 × 3×128² float32), 5× = 405 MiB: ~4 min.
         "memory": {"subjects": 27, "slices": 16, "size": 128, "batch": 16, "object_store_mib": 80},
     },
@@ -79,8 +87,15 @@ MODES: dict[str, dict[str, Any]] = {
         "data_path": {"subjects": 20, "slices": 8, "size": 96, "batch": 16, "backbones": ("tiny", "vgg16")},
         "preprocess": {"subjects": 20, "slices": 16, "size": 96},
         "ray_train": {"subjects": 80, "slices": 16, "size": 96, "batch": 16, "epochs": 4},
-        # ~2900 test rows at 192²: ~5× the 80 MiB object store once decoded (does the job stream?).
-        "localize": {"subjects": 150, "slices": 32, "size": 192, "batch": 32, "object_store_mib": 80},
+        # ~1440 then ~2900 test rows at 192²: the larger ~5× the 80 MiB object store once decoded.
+        "localize": {
+            "subjects": 75,
+            "slices": 32,
+            "size": 192,
+            "batch": 32,
+            "object_store_mib": 80,
+            "scale": 2,
+        },
         # 1× = 2× a 100 MiB object store (348 × 3×224² float32 rows), 5× = 1 GiB.
         "memory": {"subjects": 29, "slices": 12, "size": 224, "batch": 32, "object_store_mib": 100},
     },
@@ -197,6 +212,7 @@ def _runners(
             cfg["batch"],
             cfg["object_store_mib"],
             threads or 0,
+            cfg.get("scale", 5),
         )
 
     def memory() -> dict[str, Any]:
