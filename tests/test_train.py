@@ -9,8 +9,8 @@ import torch
 from acol_core.config import ConfigError, TrainConfig
 from acol_core.export import ExportError, export_bytes, load_exported, read_export_info
 from acol_core.train import (
-    checkpoint_bytes,
     build_model,
+    checkpoint_bytes,
     fit,
     iterate_minibatches,
     load_checkpoint_bytes,
