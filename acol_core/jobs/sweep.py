@@ -772,7 +772,11 @@ def _history(result: Any) -> list[dict[str, Any]]:
 def _planned_epochs(space: SweepSpace, params: Mapping[str, Any]) -> int | None:
     try:
         return space.train_config(params).epochs
-    except (ValueError, TypeError, KeyError):  # a trial whose parameters no longer make a config (it errored; it has no best)
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+    ):  # a trial whose parameters no longer make a config (it errored; it has no best)
         return None
 
 
