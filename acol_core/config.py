@@ -38,7 +38,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 0.01
     # Heads' rate = head_lr_mult x lr. None: 10 when fine-tuning a pretrained backbone (ACoL's recipe),
-    # 1 from scratch, where 10x heads made the phantom's CAMs collapse onto the skull in most seeds.
+    # 1 from scratch, where 10x heads made the phantom's CAM miss the lesions for some row orders.
     head_lr_mult: float | None = None
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -68,7 +68,7 @@ class TrainConfig:
             raise ConfigError(f"delta must be in (0, 1), got {delta}")
 
     @property
-    def heads_lr_mult(self) -> float:
+    def effective_head_lr_mult(self) -> float:
         """The heads' learning-rate multiplier this run uses (``head_lr_mult`` or its default)."""
         if self.head_lr_mult is not None:
             return float(self.head_lr_mult)

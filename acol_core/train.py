@@ -106,7 +106,7 @@ def build_model(config: TrainConfig) -> nn.Module:
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """ACoL's recipe: SGD, momentum 0.9, weight decay 5e-4, heads at 10x a pretrained backbone's rate."""
     return torch.optim.SGD(
-        unwrap(model).param_groups(config.lr, config.heads_lr_mult),
+        unwrap(model).param_groups(config.lr, config.effective_head_lr_mult),
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,

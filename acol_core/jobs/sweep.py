@@ -770,13 +770,10 @@ def _history(result: Any) -> list[dict[str, Any]]:
 
 
 def _planned_epochs(space: SweepSpace, params: Mapping[str, Any]) -> int | None:
+    """The trial's configured epochs; None when its parameters make no config (it errored)."""
     try:
         return space.train_config(params).epochs
-    except (
-        ValueError,
-        TypeError,
-        KeyError,
-    ):  # a trial whose parameters no longer make a config (it errored; it has no best)
+    except (ValueError, TypeError, KeyError):
         return None
 
 
