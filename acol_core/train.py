@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from acol_core.models import create_model
 
 __all__ = [
     "EpochHook",
+    "EpochPrefetcher",
     "FitResult",
     "autocast",
     "build_model",
@@ -143,6 +145,77 @@ def iterate_minibatches(
         if augment and rng is not None:
             batch = augment_batch(batch, rng)
         yield batch
+
+
+_END = object()
+
+
+class EpochPrefetcher:
+    """Per-epoch batches whose next epoch starts loading, in a thread, as soon as this one runs dry.
+
+    A streaming loader (a Ray Data shard) starts a new execution every epoch and waits 0.7-3 s for its
+    first batch. Here epoch ``e + 1``'s iterator is made, and its first batch taken, while epoch ``e``'s
+    validation, checkpoint and report run. ``prefetcher(epoch)`` is a drop-in ``train_batches`` for
+    ``fit``; ``start(epoch)`` begins one ahead of time (while the model is being built).
+
+    Epochs must be asked for in order (``fit`` does): a prefetched epoch other than the one asked for is
+    waited for and dropped. An error raised while prefetching is raised by the call that asks for it.
+
+    Examples:
+        >>> prefetch = EpochPrefetcher(lambda epoch: [epoch * 10, epoch * 10 + 1], epochs=2)
+        >>> list(prefetch(0)), prefetch.pending_epoch
+        ([0, 1], 1)
+        >>> list(prefetch(1)), prefetch.pending_epoch
+        ([10, 11], None)
+    """
+
+    def __init__(self, make: Callable[[int], Iterable[Batch]], epochs: int) -> None:
+        self._make = make
+        self._epochs = int(epochs)
+        self._pending: tuple[int, threading.Thread, dict[str, Any]] | None = None
+
+    @property
+    def pending_epoch(self) -> int | None:
+        """The epoch being (or already) prefetched, if any."""
+        return None if self._pending is None else self._pending[0]
+
+    def start(self, epoch: int) -> None:
+        """Start making ``epoch``'s batches in a thread (nothing past the last epoch, nor twice)."""
+        if epoch >= self._epochs or self._pending is not None:
+            return
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["iterator"] = iterator = iter(self._make(epoch))
+                box["first"] = next(iterator, _END)
+            except BaseException as exc:  # re-raised in the caller's thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=work, name=f"prefetch-epoch-{epoch}", daemon=True)
+        thread.start()
+        self._pending = (epoch, thread, box)
+
+    def __call__(self, epoch: int) -> Iterator[Batch]:
+        return self._batches(epoch)
+
+    def _batches(self, epoch: int) -> Iterator[Batch]:
+        pending, self._pending = self._pending, None
+        head: list[Batch] = []
+        iterator: Iterator[Batch] | None = None
+        if pending is not None:
+            pending[1].join()
+            box = pending[2]
+            if pending[0] == epoch:
+                if "error" in box:
+                    raise box["error"]
+                iterator = box["iterator"]
+                head = [] if box["first"] is _END else [box["first"]]
+        if iterator is None:
+            iterator = iter(self._make(epoch))
+        yield from head
+        yield from iterator
+        self.start(epoch + 1)
 
 
 def _to_tensor(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -62,8 +62,9 @@ MODES: dict[str, dict[str, Any]] = {
         "coattention_memory": {"sizes": (12, 28, 56), "channels": 128, "repeats": 5},
         "data_path": {"subjects": 16, "slices": 8, "size": 64, "batch": 8, "backbones": ("tiny",)},
         "preprocess": {"subjects": 16, "slices": 16, "size": 64},
-        # Ray start + 3 epochs of 448 rows: ~70 s on the loaded 2-CPU machine.
-        "ray_train": {"subjects": 40, "slices": 16, "size": 64, "batch": 16, "epochs": 3},
+        # 4 epochs of 448 rows, at 1 and at 2 torch threads: ~2 min. The steady figure is the median of
+        # epochs 1-3 (epoch 1's stream starts beside the val rows' first, uncached, read).
+        "ray_train": {"subjects": 40, "slices": 16, "size": 64, "batch": 16, "epochs": 4},
         # 96 and 480 test rows (scale 5): Ray's fixed cost and its steady throughput apart.
         "localize": {
             "subjects": 20,

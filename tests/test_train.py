@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from acol_core.config import ConfigError, TrainConfig
 from acol_core.export import ExportError, export_bytes, load_exported, read_export_info
 from acol_core.train import (
+    EpochPrefetcher,
     build_model,
     checkpoint_bytes,
     fit,
@@ -178,3 +181,42 @@ def test_export_round_trip_and_bad_files(tmp_path):
         load_exported(b"\x00" * 64)
     with pytest.raises(ExportError, match="damaged|truncated"):
         load_exported(blob[:-100])
+
+
+def test_epoch_prefetcher_loads_next_epoch_in_background():
+    """Epoch e + 1's iterator is made, and its first batch taken, in another thread once epoch e ends."""
+    made: list[tuple[int, str]] = []
+    pulled = {epoch: threading.Event() for epoch in range(3)}
+
+    def make(epoch: int):
+        made.append((epoch, threading.current_thread().name))
+        for i in range(2):
+            pulled[epoch].set()
+            yield {"epoch": epoch, "i": i}
+
+    prefetch = EpochPrefetcher(make, epochs=3)
+    prefetch.start(0)
+    assert pulled[0].wait(5)  # the first batch is taken before anyone asks
+    assert [b["i"] for b in prefetch(0)] == [0, 1]
+    assert prefetch.pending_epoch == 1 and pulled[1].wait(5)
+    assert [b["epoch"] for b in prefetch(1)] == [1, 1]
+    assert [b["epoch"] for b in prefetch(2)] == [2, 2]
+    assert prefetch.pending_epoch is None  # nothing past the last epoch
+    assert [e for e, _ in made] == [0, 1, 2]
+    assert all(name.startswith("prefetch-epoch-") for _, name in made)
+
+
+def test_epoch_prefetcher_raises_prefetch_errors_and_handles_odd_orders():
+    def make(epoch: int):
+        if epoch == 1:
+            raise OSError("storage went away")
+        return iter([epoch])
+
+    prefetch = EpochPrefetcher(make, epochs=3)
+    assert list(prefetch(0)) == [0]
+    with pytest.raises(OSError, match="storage went away"):
+        next(prefetch(1))
+    # A prefetched epoch other than the one asked for is dropped; the asked one is made.
+    prefetch.start(2)
+    assert list(prefetch(0)) == [0]
+    assert list(EpochPrefetcher(lambda e: iter([]), epochs=2)(0)) == []

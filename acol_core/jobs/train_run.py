@@ -236,7 +236,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from acol_core.train import fit
+    from acol_core.train import EpochPrefetcher, fit
 
     config = TrainConfig.from_dict(loop_config["train"])
     class_names: list[str] = loop_config["class_names"]
@@ -244,8 +244,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     train_shard = ray.train.get_dataset_shard("train")
 
-    def train_batches(epoch: int) -> Iterable[dict]:
-        batches = train_shard.iter_batches(
+    def shard_batches(epoch: int) -> Iterable[dict]:
+        return train_shard.iter_batches(
             batch_size=config.batch_size,
             batch_format="numpy",
             # Shards hold rows in subject order: a window of a few batches gave batches of a few subjects
@@ -255,6 +255,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # order the uninterrupted run would have seen.
             local_shuffle_seed=config.seed * 1000 + epoch * 10 + rank,
         )
+
+    # Each epoch's Ray Data execution starts while the previous epoch validates and checkpoints.
+    prefetch = EpochPrefetcher(shard_batches, config.epochs)
+
+    def train_batches(epoch: int) -> Iterable[dict]:
+        batches = prefetch(epoch)
         if fault and fault["rank"] == rank and fault["epoch"] == epoch:
             return _inject_fault(batches, fault)
         return batches
@@ -278,6 +284,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             return iter(cache)
 
     resume, history = _restore()
+    # The first epoch's stream starts while fit builds the model and DDP connects the workers.
+    prefetch.start(0 if resume is None else int(resume["epoch"]) + 1)
 
     def report(epoch: int, metrics: dict[str, float], state: Callable[[], dict]) -> None:
         # Every rank reports (Train V2 waits for all); only rank 0 carries the checkpoint and its metrics.
