@@ -249,6 +249,9 @@ def localize(
     cpus_per_actor: float = typer.Option(
         0.5, help="fractional: Ray Data's readers and writers need CPUs too"
     ),
+    threads_per_actor: int | None = typer.Option(
+        None, help="torch CPU threads per actor [default: 1 with GPUs, else a node's CPUs / actors]"
+    ),
     gt_maps: bool = typer.Option(True, help="also store the labelled class's map where it differs (cam_gt)"),
 ) -> None:
     """Localize a split with Ray Data (an actor pool holds the model); prints a summary as JSON.
@@ -269,6 +272,7 @@ def localize(
             batch_size=batch_size,
             gpus_per_actor=gpus_per_actor,
             cpus_per_actor=cpus_per_actor,
+            threads_per_actor=threads_per_actor,
             gt_maps=gt_maps,
             nifti_out=nifti_out,
             nifti_orientation=nifti_orientation,

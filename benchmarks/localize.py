@@ -54,8 +54,13 @@ def run(
     scale: int = 5,
 ) -> dict[str, Any]:
     import ray
+    import torch
 
     from acol_core.jobs.localize_job import localize_plain, run_localize
+
+    # The plain loop runs at this process's torch threads; one actor gets as many, two share them.
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
 
     # Two sizes: the whole jobs' times at each, and from their difference the steady throughput
     # (rows/s once every fixed cost, Ray's or the plain loop's, is paid).
@@ -96,6 +101,7 @@ def run(
                 batch_size=batch,
                 # One GPU shared by the pool (a whole GPU per actor would leave the second one waiting).
                 gpus_per_actor=1.0 / actors if gpu else 0.0,
+                threads_per_actor=max(1, threads // actors),
             )
             seconds[name, actors] = time.perf_counter() - start
     finally:
@@ -123,6 +129,11 @@ def run(
             "ray_fixed_seconds": seconds["small", 1] - rows["small"] / ray_steady if ray_steady else None,
             "ray_two_actors_images_per_s": ratio(rows["large"], seconds["large", 2]),
             "ray_includes": "actor start, model load, write_parquet, commit",
+            "torch_threads": {
+                "plain": threads,
+                "one_actor": threads,
+                "each_of_two_actors": max(1, threads // 2),
+            },
             "object_store_mib": object_store_mib,
             "dataset_shard_mib": shard_bytes / 2**20,
             # What flows through the object store once decoded (float32 images), against its size.

@@ -83,6 +83,8 @@ MODES: dict[str, dict[str, Any]] = {
         "train_cost": [
             {"backbone": "tiny", "batch": 16, "size": 128},
             {"backbone": "vgg16", "batch": 8, "size": 64},
+            # The paper's VGG16 heads cost ~1.36x in FLOPs alone: the same pair with one-conv heads.
+            {"backbone": "vgg16", "batch": 8, "size": 64, "head_depth": 1},
         ],
         "coattention_memory": {"sizes": (12, 28, 56, 112), "channels": 128, "repeats": 5},
         "data_path": {"subjects": 20, "slices": 8, "size": 96, "batch": 16, "backbones": ("tiny", "vgg16")},
@@ -158,8 +160,9 @@ def _runners(
 
         merged: dict[str, Any] = {"ratios": {}, "targets": {}, "details": {}}
         for case in mode["train_cost"]:
-            res = tc.run(case["backbone"], case["batch"], case["size"], device, warmup, repeats)
-            tag = case["backbone"]
+            depth = case.get("head_depth")
+            res = tc.run(case["backbone"], case["batch"], case["size"], device, warmup, repeats, depth)
+            tag = case["backbone"] + ("" if depth is None else f"_head{depth}")
             merged["ratios"].update({f"{k}_{tag}": v for k, v in res["ratios"].items()})
             merged["targets"].update({f"{k}_{tag}": v for k, v in res["targets"].items()})
             merged["details"][tag] = res["details"]

@@ -16,7 +16,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED_RATIOS = {
-    "train_cost": {"acol_over_cam_tiny", "coatt_pair_over_two_cam_tiny", "coatt_over_cam_batch_tiny"},
+    "train_cost": {
+        "acol_over_cam_tiny",
+        "acol_over_cam_flops_tiny",
+        "coatt_pair_over_two_cam_tiny",
+        "coatt_over_cam_batch_tiny",
+    },
     "coattention_memory": {"memory_auto_over_naive_28", "time_auto_over_naive_28"},
     "data_path": {"loader_over_raw_png", "loader_over_train_tiny"},
     "preprocess": {
@@ -92,3 +97,26 @@ def test_memory_child_failure_is_reported_not_raised(tmp_path: Path) -> None:
     res = measure_run("no-such-run", {"threads": 0}, timeout_s=120)
     assert res["returncode"] != 0 and "no-such-run" in res["error"]
     assert res["samples"] >= 1 and not res["timed_out"]
+
+
+def test_acol_costs_more_flops_than_cam(report: dict) -> None:
+    res = report["benchmarks"]["train_cost"]
+    assert res["ratios"]["acol_over_cam_flops_tiny"] > 1.05  # a second head, counted
+    assert res["details"]["tiny"]["acol_step_gflop"] > res["details"]["tiny"]["cam_step_gflop"] > 0
+
+
+def test_vgg16_paper_heads_make_acol_over_cam_flops_exceed_the_target() -> None:
+    """The README's reading of the missed vgg16 target: arithmetic, not implementation."""
+    import torch
+
+    from benchmarks.train_cost import make_step, step_flops
+
+    cpu = torch.device("cpu")
+    flops = {
+        (name, depth): step_flops(make_step(name, "vgg16", 1, 32, cpu, head_depth=depth))
+        for name in ("acol", "cam")
+        for depth in (None, 1)
+    }
+    paper = flops["acol", None] / flops["cam", None]
+    lean = flops["acol", 1] / flops["cam", 1]
+    assert 1.3 < paper < 1.45 and 1.1 < lean < 1.25, (paper, lean)

@@ -275,7 +275,12 @@ def test_reader_refuses_a_folder_without_success(phantom: str, model_uri: str, t
 
 @pytest.mark.parametrize(
     ("case", "message"),
-    [("missing_model", "not found"), ("no_manifest", "_manifest.json"), ("bad_split", "split")],
+    [
+        ("missing_model", "not found"),
+        ("no_manifest", "_manifest.json"),
+        ("bad_split", "split"),
+        ("bad_threads", "threads_per_actor"),
+    ],
 )
 def test_cli_errors_are_one_line(
     case: str, message: str, phantom: str, model_uri: str, tmp_path: Path
@@ -286,6 +291,8 @@ def test_cli_errors_are_one_line(
         args["--model"] = str(tmp_path / "nope.safetensors")
     elif case == "no_manifest":
         args["--data"] = str(tmp_path / "empty")
+    elif case == "bad_threads":
+        args["--threads-per-actor"] = "0"
     else:
         args["--split"] = "tset"
     result = CliRunner().invoke(app, ["localize", *[x for kv in args.items() for x in kv]])
@@ -309,6 +316,8 @@ def test_ray_one_then_two_actors_rerun_replaces(
         )
     )
     assert first.info.num_rows == 8 and seen[-1] == (8, 8)
+    # On CPU the one actor's torch takes the node's 2 CPUs, not its 0.5-CPU scheduling share.
+    assert json.loads((tmp_path / "pred" / SUCCESS_NAME).read_text())["extra"]["threads_per_actor"] == 2
     one = _check_predictions(out, phantom)
     # Leftovers a crashed run could leave: an old prediction file and a staging folder.
     shutil.copy(tmp_path / "pred" / "pred-00000.parquet", tmp_path / "pred" / "pred-00042.parquet")
@@ -321,6 +330,7 @@ def test_ray_one_then_two_actors_rerun_replaces(
     success = json.loads((tmp_path / "pred" / SUCCESS_NAME).read_text())
     assert success["num_rows"] == 8 and success["splits"] == ["test"] and success["data"] == phantom
     assert success["extra"]["actors"] == 2 and success["checkpoint"] == first.info.checkpoint
+    assert success["extra"]["threads_per_actor"] == 1
     # Same model, same rows: the same predictions whatever the pool size and batching.
     by_id = {r["image_id"]: r for r in one.to_pylist()}
     plain = {r["image_id"]: r for r in localize_plain(model_uri, phantom, "test", batch_size=8).to_pylist()}

@@ -389,12 +389,30 @@ def _gpus_per_actor(requested: float | None) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def _threads_per_actor(requested: int | None, actors: int, gpus: float) -> int:
+    """torch threads in each actor: ``requested``, else 1 with a GPU (the model runs there), else the
+    smallest node's CPUs shared among the actors (all of them on one CPU machine with 1 actor).
+
+    An actor's ``num_cpus`` is a scheduling share, not a thread count: at the default 0.5, one thread
+    left half of a 2-CPU machine idle (the readers and writers are light: decoding runs in the actor).
+    """
+    import ray
+
+    if requested is not None:
+        return int(requested)
+    if gpus > 0:
+        return 1
+    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return max(1, int(min(cpus, default=1.0)) // actors)
+
+
 def _build(
     checked: _Checked,
     actors: int,
     batch_size: int,
     gpus: float,
     cpus: float,
+    threads: int,
     gt_maps: bool,
     fault_injection: dict[str, Any] | None = None,
 ) -> Any:
@@ -415,7 +433,7 @@ def _build(
             "expected_sha256": checked.checksum,
             "gt_maps": gt_maps,
             "device": "cuda" if gpus > 0 else "cpu",
-            "num_threads": max(1, int(cpus)),
+            "num_threads": threads,
             "fault_injection": fault_injection,
         },
         # concurrency= is deprecated in Ray 2.60: a fixed-size pool is an ActorPoolStrategy.
@@ -442,6 +460,7 @@ def run_localize(
     batch_size: int = 32,
     gpus_per_actor: float | None = None,
     cpus_per_actor: float = 0.5,
+    threads_per_actor: int | None = None,
     gt_maps: bool = True,
     nifti_out: str | None = None,
     nifti_orientation: str = "original",
@@ -455,6 +474,8 @@ def run_localize(
         gpus_per_actor: None: 1 when the Ray cluster has GPUs, else 0.
         cpus_per_actor: fractional by default: Ray Data's read and write tasks need CPUs too (on a
             2-CPU machine, actors at 1 CPU each leave none to the readers and the run stalls).
+        threads_per_actor: torch CPU threads per actor; None: 1 with GPUs, else the smallest node's
+            CPUs // ``actors`` (actors packed on one node use its cores, never more).
         nifti_out: also write one mask and one CAM volume per subject there (NIfTI datasets).
         nifti_orientation: ``original`` (the source file's axes and affine) or ``canonical`` (RAS).
         progress: called as ``progress(rows_done, rows_total)`` while files are written.
@@ -466,12 +487,14 @@ def run_localize(
     from acol_core.jobs import ray_init
 
     started = time.perf_counter()
-    if actors < 1 or batch_size < 1 or cpus_per_actor <= 0:
-        raise ValueError("actors and batch_size must be >= 1 and cpus_per_actor > 0")
+    bad_threads = threads_per_actor is not None and threads_per_actor < 1
+    if actors < 1 or batch_size < 1 or cpus_per_actor <= 0 or bad_threads:
+        raise ValueError("actors, batch_size and threads_per_actor must be >= 1 and cpus_per_actor > 0")
     checked = _check(model_uri, data_uri, output_uri, split, threshold)
     plan = volume_plan(data_uri, checked.splits, nifti_orientation) if nifti_out else None
     ray_init()
     gpus = _gpus_per_actor(gpus_per_actor)
+    threads = _threads_per_actor(threads_per_actor, actors, gpus)
     staging = staging_uri(output_uri)
     fs, staging_path = storage.resolve(staging)
     context = ray.data.DataContext.get_current()
@@ -486,7 +509,7 @@ def run_localize(
         watcher = threading.Thread(target=_watch, args=(staging, checked.rows, progress, stop), daemon=True)
         watcher.start()
     try:
-        ds = _build(checked, actors, batch_size, gpus, cpus_per_actor, gt_maps, fault_injection)
+        ds = _build(checked, actors, batch_size, gpus, cpus_per_actor, threads, gt_maps, fault_injection)
         ds.write_parquet(staging_path, filesystem=fs)
     except BaseException as exc:
         storage.delete(staging)
@@ -516,6 +539,7 @@ def run_localize(
             "config": checked.info.config.to_dict(),
             "gt_maps": gt_maps,
             "actors": actors,
+            "threads_per_actor": threads,
         },
     )
     if progress is not None:
