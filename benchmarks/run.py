@@ -287,20 +287,20 @@ def format_table(report: dict[str, Any]) -> str:
         f"{env['torch_threads']} ({env['threads_reason']}), {env['cpu_count']} CPUs, load average "
         f"{' '.join(f'{x:.2f}' for x in env['load_average'] or [])}, commit {env['git_commit']}",
         "",
-        f"| {'benchmark':<18} | {'ratio':<40} | {'value':>7} | {'target':<8} |",
-        f"|{'-' * 20}|{'-' * 42}|{'-' * 9}|{'-' * 10}|",
+        f"| {'benchmark':<18} | {'ratio':<42} | {'value':>7} | {'target':<8} |",
+        f"|{'-' * 20}|{'-' * 44}|{'-' * 9}|{'-' * 10}|",
     ]
     for name, res in report["benchmarks"].items():
         if "ratios" not in res:
             why = res.get("skipped") or f"ERROR {res.get('error')}"
-            lines.append(f"| {name:<18} | {why[:40]:<40} | {'-':>7} | {'':<8} |")
+            lines.append(f"| {name:<18} | {why[:42]:<42} | {'-':>7} | {'':<8} |")
             continue
         targets = res.get("targets", {})
         for key, value in res["ratios"].items():
             target = targets.get(key) or next(
                 (t for k, t in targets.items() if k.endswith("*") and key.startswith(k[:-1])), ""
             )
-            lines.append(f"| {name:<18} | {key:<40} | {_fmt(value):>7} | {target:<8} |")
+            lines.append(f"| {name:<18} | {key:<42} | {_fmt(value):>7} | {target:<8} |")
         for err in res.get("errors", []):
             lines.append(f"| {name:<18} | ERROR {err[:34]:<34} | {'-':>7} | {'':<8} |")
     notes = [
