@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,9 @@ MODEL_FILE = "model.safetensors"
 HISTORY_FILE = "history.json"
 _COLUMNS = ["image", "label", "mask", "anatomy_mask", "fullsup"]
 _VAL_BATCH = 64
+_FAULT_DELAY_S = 3.0
 _SHUFFLE_ROWS = 512  # rows in each worker's local shuffle buffer (at least)
-# Rank 0 keeps the decoded val rows after the first epoch when they fit in this: a Ray Data execution
+# Rank 0 reads the decoded val rows once, before training, when they fit in this: a Ray Data execution
 # per epoch cost ~3 s of start-up for the demo's 120 val rows (a third of a tiny-backbone epoch).
 VAL_CACHE_BYTES = 256 * 2**20
 _CHECKPOINT_DIR = re.compile(r"^checkpoint_\d")  # Ray Train's names: checkpoint_<timestamp>
@@ -215,6 +217,10 @@ def _inject_fault(batches: Iterable[dict], fault: dict[str, Any]) -> Iterator[di
     for index, batch in enumerate(batches):
         if index == int(fault["after_batches"]) and not marker.exists():
             marker.touch()  # first: the restarted attempt must run through
+            # A crash mid-epoch, not at its start: Train V2's controller collects reports by polling,
+            # and a worker killed within a moment of its last report (an epoch start with no wait
+            # for data) can take that report with it; the run then redoes the epoch.
+            time.sleep(_FAULT_DELAY_S)
             os.kill(os.getpid(), signal.SIGKILL)
         yield batch
 
@@ -256,8 +262,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_seed=config.seed * 1000 + epoch * 10 + rank,
         )
 
-    # Each epoch's Ray Data execution starts while the previous epoch validates and checkpoints.
-    prefetch = EpochPrefetcher(shard_batches, config.epochs)
+    has_val = bool(loop_config.get("has_val"))
+    size = config.image_size
+    row_bytes = config.in_channels * size * size * 4 + 2 * size * size + 16
+    val_cached = has_val and loop_config.get("val_rows", 0) * row_bytes <= VAL_CACHE_BYTES
+    # Each epoch's Ray Data execution starts while the previous epoch validates and checkpoints, unless
+    # validation itself reads through Ray Data: two executions at once (the val read and the next
+    # epoch's stream) stalled each other for ~25 s on 2 CPUs.
+    prefetch = EpochPrefetcher(shard_batches, config.epochs if val_cached or not has_val else 0)
 
     def train_batches(epoch: int) -> Iterable[dict]:
         batches = prefetch(epoch)
@@ -266,26 +278,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return batches
 
     val_batches: Callable[[], Iterable[dict]] | None = None
-    if loop_config.get("has_val") and rank == 0:
+    if has_val and rank == 0:
         val_shard = ray.train.get_dataset_shard("val")
-        size = config.image_size
-        row_bytes = config.in_channels * size * size * 4 + 2 * size * size + 16
-        cache: list[dict] | None = (
-            [] if loop_config.get("val_rows", 0) * row_bytes <= VAL_CACHE_BYTES else None
-        )
+        if val_cached:
+            # Read once, before training (other ranks wait for this one at DDP set-up).
+            cache = list(val_shard.iter_batches(batch_size=_VAL_BATCH, batch_format="numpy"))
 
-        def val_batches() -> Iterable[dict]:
-            if cache:
+            def val_batches() -> Iterable[dict]:
                 return iter(cache)
-            batches = val_shard.iter_batches(batch_size=_VAL_BATCH, batch_format="numpy")
-            if cache is None:
-                return batches
-            cache.extend(batches)
-            return iter(cache)
+
+        else:
+
+            def val_batches() -> Iterable[dict]:
+                return val_shard.iter_batches(batch_size=_VAL_BATCH, batch_format="numpy")
 
     resume, history = _restore()
-    # The first epoch's stream starts while fit builds the model and DDP connects the workers.
-    prefetch.start(0 if resume is None else int(resume["epoch"]) + 1)
+    if not has_val:
+        # The first epoch's stream starts while fit builds the model and DDP connects the workers.
+        prefetch.start(0 if resume is None else int(resume["epoch"]) + 1)
 
     def report(epoch: int, metrics: dict[str, float], state: Callable[[], dict]) -> None:
         # Every rank reports (Train V2 waits for all); only rank 0 carries the checkpoint and its metrics.
