@@ -269,10 +269,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Each epoch's Ray Data execution starts while the previous epoch validates and checkpoints, unless
     # validation itself reads through Ray Data: two executions at once (the val read and the next
     # epoch's stream) stalled each other for ~25 s on 2 CPUs.
-    prefetch = EpochPrefetcher(shard_batches, config.epochs if val_cached or not has_val else 0)
+    prefetch = EpochPrefetcher(shard_batches, config.epochs) if val_cached or not has_val else None
+    source = prefetch or shard_batches
 
     def train_batches(epoch: int) -> Iterable[dict]:
-        batches = prefetch(epoch)
+        batches = source(epoch)
         if fault and fault["rank"] == rank and fault["epoch"] == epoch:
             return _inject_fault(batches, fault)
         return batches
@@ -293,7 +294,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 return val_shard.iter_batches(batch_size=_VAL_BATCH, batch_format="numpy")
 
     resume, history = _restore()
-    if not has_val:
+    if prefetch is not None and not has_val:
         # The first epoch's stream starts while fit builds the model and DDP connects the workers.
         prefetch.start(0 if resume is None else int(resume["epoch"]) + 1)
 
