@@ -1,19 +1,18 @@
 """Score map → normalised CAM → binary mask → boxes: the project's one normalisation of maps.
 
-Definitions follow wsolevaluation (Choe et al., CVPR 2020, ``evaluation.py``), computed with
-numpy/scipy instead of OpenCV. Where this module deviates from wsolevaluation's cv2 code:
+Two ways to turn a map into boxes at a CAM threshold τ (``BOX_PROTOCOLS``):
 
-- Thresholding is ``cam >= threshold`` on the float map, compared in float64. wsolevaluation
-  quantises the map to uint8 and keeps ``value > int(threshold * max)`` (cv2.THRESH_BINARY).
-  With ``>=`` a pixel is "on" at threshold τ exactly when the pixel metrics (PxAP, Dice) count it
-  as predicted at τ, so box and pixel metrics share one rule; at τ = 0 every pixel is on.
-- A "contour" is a connected component of the mask with 8-connectivity (what cv2.findContours
-  traces as one outer border). Holes yield no box of their own (cv2.RETR_TREE also returns hole
-  borders as contours), and "largest" means most pixels, not cv2.contourArea's polygon area
-  (which is 0 for one-pixel or one-pixel-wide blobs).
-- A box is the component's inclusive pixel extent ``[x0, y0, x1, y1]``. wsolevaluation takes
-  ``x + w`` from cv2.boundingRect, one pixel past the object, clipped to the image.
-- A mask with no component gives no box (``[]``); wsolevaluation substitutes ``[0, 0, 0, 0]``.
+- ``"wsol"`` (the default, and what every box metric uses): wsolevaluation's exactly (Choe et al.,
+  CVPR 2020, ``evaluation.compute_bboxes_from_scoremaps``). The map in [0, 1] is quantised to
+  ``uint8(cam · 255)`` (truncation); a pixel is on when its value is ``> int(τ · max)``, where ``max``
+  is the quantised map's maximum (cv2.THRESH_BINARY relative to the peak); boxes come from OpenCV's
+  contours (``cv2.findContours`` with RETR_TREE and CHAIN_APPROX_SIMPLE, so the border of a hole is a
+  contour too); the single-box variant keeps the contour of largest ``cv2.contourArea`` (the first
+  one on ties); each box is ``cv2.boundingRect``'s ``[x, y, x + w, y + h]`` with the right and bottom
+  edges clipped to ``W - 1`` and ``H - 1`` (one pixel past the object unless at the border); a mask
+  with no contour gives the box ``[0, 0, 0, 0]``.
+- ``"components"``: ``cam >= τ`` on the float map (the rule of the pixel metrics), 8-connected
+  components (holes give no box), largest by pixel count, inclusive pixel extents, no box when empty.
 
 Examples:
     >>> import numpy as np
@@ -22,24 +21,36 @@ Examples:
     [[0.0, 0.5], [1.0, 1.0]]
     >>> mask_to_boxes(cam_to_mask(cam, 0.5))
     [[0, 0, 1, 1]]
+    >>> m = np.zeros((6, 6)); m[1:3, 1:4] = 1.0
+    >>> scoremap_boxes(m, 0.5), scoremap_boxes(m, 0.5, protocol="components")
+    ([[1, 1, 4, 3]], [[1, 1, 3, 2]])
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "BOX_PROTOCOLS",
     "as_numpy",
     "boxes_from_mask",
     "cam_to_mask",
+    "check_protocol",
     "localize",
     "mask_to_boxes",
     "normalize_cam",
+    "predicted_boxes",
+    "quantize_scoremap",
     "resize_map",
+    "scoremap_boxes",
+    "wsol_boxes",
 ]
+
+BOX_PROTOCOLS = ("wsol", "components")
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -157,6 +168,61 @@ def mask_to_boxes(mask: Any, multi_contour: bool = True) -> list[list[int]]:
     return boxes
 
 
+def quantize_scoremap(cam: Any) -> np.ndarray:
+    """wsolevaluation's ``uint8(cam · 255)`` of a map in [0, 1] (NaN → 0, values clipped first)."""
+    scores = np.clip(np.nan_to_num(as_numpy(cam).astype(np.float64), nan=0.0), 0.0, 1.0)
+    return (scores * 255).astype(np.uint8)
+
+
+def wsol_boxes(
+    quantized: np.ndarray, threshold: float, multi_contour: bool, fallback: bool = True
+) -> list[list[int]]:
+    """wsolevaluation's boxes of a quantised map (``quantize_scoremap``) at CAM threshold ``threshold``.
+
+    A map with no pixel above the threshold gives ``[[0, 0, 0, 0]]`` (the metric's fallback, a box of
+    one pixel that can still overlap a ground-truth box), or ``[]`` with ``fallback=False``.
+    """
+    height, width = quantized.shape
+    cut = int(float(threshold) * float(quantized.max()))
+    binary = np.where(quantized > cut, 255, 0).astype(np.uint8)
+    # [-2]: OpenCV 3 returns (image, contours, hierarchy), OpenCV 4 (contours, hierarchy).
+    contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
+    if len(contours) == 0:
+        return [[0, 0, 0, 0]] if fallback else []
+    if not multi_contour:
+        contours = [max(contours, key=cv2.contourArea)]
+    boxes = []
+    for contour in contours:
+        x, y, w, h = cv2.boundingRect(contour)
+        boxes.append([int(x), int(y), int(min(x + w, width - 1)), int(min(y + h, height - 1))])
+    return boxes
+
+
+def scoremap_boxes(
+    cam: Any, threshold: float, multi_contour: bool = True, protocol: str = "wsol"
+) -> list[list[int]]:
+    """Predicted boxes of one H×W map in [0, 1] at CAM threshold ``threshold`` (see the module docstring).
+
+    Args:
+        protocol: ``"wsol"`` (wsolevaluation's, the default) or ``"components"``.
+    """
+    check_protocol(protocol)
+    if protocol == "wsol":
+        return wsol_boxes(quantize_scoremap(cam), threshold, multi_contour)
+    return mask_to_boxes(cam_to_mask(cam, threshold), multi_contour=multi_contour)
+
+
+def predicted_boxes(cam: Any, threshold: float) -> list[list[int]]:
+    """The boxes a predictions row stores: every contour's wsolevaluation box at τ, ``[]`` if none."""
+    return wsol_boxes(quantize_scoremap(cam), threshold, multi_contour=True, fallback=False)
+
+
+def check_protocol(protocol: str) -> None:
+    """Raise ``ValueError`` for a box protocol other than ``BOX_PROTOCOLS``."""
+    if protocol not in BOX_PROTOCOLS:
+        raise ValueError(f"unknown box protocol {protocol!r}: choose one of {', '.join(BOX_PROTOCOLS)}")
+
+
 def boxes_from_mask(mask: Any) -> list[list[int]]:
     """Ground-truth boxes: one per 8-connected component of the object pixels (``mask == 1``).
 
@@ -170,7 +236,9 @@ def localize(score_map: Any, threshold: float, image_size: tuple[int, int] | Non
 
     Args:
         score_map: H×W, or N×H×W for a batch (then ``boxes`` is a list per map).
-        threshold: CAM threshold in [0, 1]; pixels with ``cam >= threshold`` are object.
+        threshold: CAM threshold in [0, 1]; pixels with ``cam >= threshold`` are object in ``mask``;
+            ``boxes`` are wsolevaluation's boxes of every contour at that threshold (``wsol_boxes``),
+            ``[]`` where no pixel is above it.
         image_size: ``(height, width)`` to resize to before normalising, or None to keep the size.
 
     Examples:
@@ -186,7 +254,7 @@ def localize(score_map: Any, threshold: float, image_size: tuple[int, int] | Non
     cam = normalize_cam(raw)
     mask = cam_to_mask(cam, threshold)
     if mask.ndim == 2:
-        boxes: list = mask_to_boxes(mask)
+        boxes: list = predicted_boxes(cam, threshold)
     else:
-        boxes = [mask_to_boxes(m) for m in mask]
+        boxes = [predicted_boxes(c, threshold) for c in cam]
     return {"cam": cam, "mask": mask, "boxes": boxes}

@@ -6,13 +6,24 @@ NaN counts as 0, so a bad map scores badly instead of raising (wsolevaluation ra
 Masks hold 0 (background), 1 (object) and 255 (ignore; left out of every pixel count).
 Boxes are inclusive pixel corners ``[x0, y0, x1, y1]``; IoU counts ``x1 - x0 + 1`` pixels per row.
 
-Thresholds are ``np.arange(0, 1, step)`` (wsolevaluation's ``cam_threshold_list``) and a pixel is
-predicted at τ when ``cam >= τ`` (see ``acol_core.localize`` for how boxes are drawn and where that
-differs from the cv2 code). Pixel counts per threshold come from one histogram per image, as
-wsolevaluation's MaskEvaluator does, so memory stays O(H·W + thresholds).
+Thresholds are ``np.arange(0, 1, step)`` (wsolevaluation's ``cam_threshold_list``).
+
+Box metrics (MaxBoxAcc, MaxBoxAccV2, GT-known loc, top-1 loc) follow wsolevaluation's
+``BoxEvaluator`` exactly by default (``protocol="wsol"``): at each τ the map is quantised to uint8,
+thresholded relative to its maximum, its OpenCV contours boxed (``acol_core.localize.wsol_boxes``:
+largest ``contourArea`` for MaxBoxAcc, every contour for V2, ``boundingRect`` + clipping, the
+``[0, 0, 0, 0]`` fallback), and an image counts as correct at τ when the best IoU of its boxes with
+any GT box is ``>= iou``. The same maps give the reference implementation's numbers (as fractions,
+not percentages). ``protocol="components"`` is this project's earlier rule, kept as a named
+alternative: ``cam >= τ`` on the float map, 8-connected components, inclusive extents, no fallback.
+
+Pixel metrics (PxAP, Dice, IoU) predict a pixel at τ when ``cam >= τ``, as wsolevaluation's
+MaskEvaluator; pixel counts per threshold come from one histogram per image, so memory stays
+O(H·W + thresholds).
 
 Conventions for degenerate input (wsolevaluation raises or divides by zero instead):
-- An image without ground-truth boxes, or a threshold at which the map has no component, is a miss.
+- An image without ground-truth boxes is a miss (the reference cannot score it). With the
+  ``components`` protocol a threshold at which the map has no component is a miss too.
 - ``pxap`` is 0.0 when no non-ignored pixel is an object; precision with no predicted pixel is 1.0
   (its recall step is 0, so it never changes AP).
 - Dice and IoU are 0.0 where their denominator is 0 (no object and nothing predicted).
@@ -35,7 +46,15 @@ from typing import Any
 
 import numpy as np
 
-from acol_core.localize import as_numpy, cam_to_mask, mask_to_boxes, normalize_cam
+from acol_core.localize import (
+    as_numpy,
+    cam_to_mask,
+    check_protocol,
+    mask_to_boxes,
+    normalize_cam,
+    quantize_scoremap,
+    wsol_boxes,
+)
 
 __all__ = [
     "best_dice",
@@ -109,13 +128,15 @@ def box_iou_matrix(boxes_a: Any, boxes_b: Any) -> np.ndarray:
 
 
 def _best_iou_per_threshold(
-    cam: Any, gt_boxes: Any, thresholds: np.ndarray, multi_contour: bool
+    cam: Any, gt_boxes: Any, thresholds: np.ndarray, multi_contour: bool, protocol: str = "wsol"
 ) -> np.ndarray:
     """For each threshold, the best IoU between any predicted box and any ground-truth box."""
     best = np.zeros(len(thresholds))
     gt = np.asarray(gt_boxes if gt_boxes is not None else [], dtype=np.float64).reshape(-1, 4)
     if len(gt) == 0 or len(thresholds) == 0:
         return best
+    if protocol == "wsol":
+        return _best_iou_wsol(quantize_scoremap(cam), gt, thresholds, multi_contour)
     scores = _scores(cam)
     # Masks are nested as τ grows, so an unchanged pixel count means an unchanged mask.
     on_counts = scores.size - np.searchsorted(np.sort(scores, axis=None), thresholds, side="left")
@@ -132,42 +153,61 @@ def _best_iou_per_threshold(
     return best
 
 
+def _best_iou_wsol(
+    quantized: np.ndarray, gt: np.ndarray, thresholds: np.ndarray, multi_contour: bool
+) -> np.ndarray:
+    """wsolevaluation's per-threshold best IoU; thresholds that cut the uint8 map alike share one result."""
+    peak = float(quantized.max())
+    best = np.zeros(len(thresholds))
+    by_cut: dict[int, float] = {}
+    for i, threshold in enumerate(thresholds):
+        cut = int(float(threshold) * peak)
+        if cut not in by_cut:
+            boxes = wsol_boxes(quantized, float(threshold), multi_contour)
+            by_cut[cut] = float(box_iou_matrix(boxes, gt).max())
+        best[i] = by_cut[cut]
+    return best
+
+
 def max_box_acc(
     cams: Any,
     boxes: Sequence[Any],
     iou_thresholds: Sequence[float] = (0.5,),
     multi_contour: bool = False,
     step: float = 0.01,
+    protocol: str = "wsol",
 ) -> dict[str, Any]:
     """MaxBoxAcc: the best, over CAM thresholds, share of images whose box hits a GT box.
 
     An image counts as correct at τ when the best IoU between its boxes at τ (the largest
-    component's, or every component's with ``multi_contour``) and any of its GT boxes is
+    contour's, or every contour's with ``multi_contour``) and any of its GT boxes is
     ``>= iou``. ``best_threshold`` is the lowest τ reaching the maximum.
 
     Args:
         cams: N×H×W in [0, 1] (or N maps of any sizes).
         boxes: per image, a list of inclusive ``[x0, y0, x1, y1]`` GT boxes (empty or None: a miss).
         iou_thresholds: IoU thresholds in (0, 1].
-        multi_contour: use all components' boxes (MaxBoxAccV2) instead of the largest one's.
+        multi_contour: use all contours' boxes (MaxBoxAccV2) instead of the largest one's.
         step: CAM threshold step.
+        protocol: ``"wsol"`` (wsolevaluation's boxes, the default) or ``"components"``.
 
     Returns:
         ``{"per_iou": {iou: max acc}, "mean": mean of those, "best_threshold": {iou: τ},
         "thresholds": array (T,), "curve": {iou: accuracy per τ, array (T,)}}``.
 
     Examples:
-        >>> cams = np.zeros((2, 4, 4)); cams[:, :2, :2] = 1.0
-        >>> max_box_acc(cams, [[[0, 0, 1, 1]], []])["mean"]
+        >>> cams = np.zeros((2, 5, 5)); cams[:, :3, :3] = 1.0  # wsol box [0, 0, 3, 3]: IoU 9/16
+        >>> max_box_acc(cams, [[[0, 0, 2, 2]], []])["mean"]
         0.5
     """
+    check_protocol(protocol)
     cams = _map_list(cams)
     _check_lengths(cams, boxes, "box lists")
     thresholds = cam_thresholds(step)
     ious = tuple(float(t) for t in iou_thresholds)
     correct = {iou: np.zeros(len(thresholds)) for iou in ious}
     for cam, gt in zip(cams, boxes, strict=True):
-        best = _best_iou_per_threshold(cam, gt, thresholds, multi_contour)
+        best = _best_iou_per_threshold(cam, gt, thresholds, multi_contour, protocol)
         for iou in ious:
             correct[iou] += best >= iou
     curve = {iou: c / max(len(cams), 1) for iou, c in correct.items()}
@@ -181,20 +221,23 @@ def max_box_acc(
     }
 
 
-def max_box_acc_v2(cams: Any, boxes: Sequence[Any], step: float = 0.01) -> dict[str, Any]:
-    """MaxBoxAccV2: IoU thresholds 0.3/0.5/0.7, all components' boxes; the score is ``["mean"]``."""
-    return max_box_acc(cams, boxes, V2_IOU_THRESHOLDS, multi_contour=True, step=step)
+def max_box_acc_v2(
+    cams: Any, boxes: Sequence[Any], step: float = 0.01, protocol: str = "wsol"
+) -> dict[str, Any]:
+    """MaxBoxAccV2: IoU thresholds 0.3/0.5/0.7, all contours' boxes; the score is ``["mean"]``."""
+    return max_box_acc(cams, boxes, V2_IOU_THRESHOLDS, multi_contour=True, step=step, protocol=protocol)
 
 
 def _hits_at(
-    cams: Any, boxes: Sequence[Any], threshold: float, iou_threshold: float, multi: bool
+    cams: Any, boxes: Sequence[Any], threshold: float, iou_threshold: float, multi: bool, protocol: str
 ) -> np.ndarray:
+    check_protocol(protocol)
     cams = _map_list(cams)
     _check_lengths(cams, boxes, "box lists")
     thresholds = np.array([float(threshold)])
     return np.array(
         [
-            _best_iou_per_threshold(c, b, thresholds, multi)[0] >= iou_threshold
+            _best_iou_per_threshold(c, b, thresholds, multi, protocol)[0] >= iou_threshold
             for c, b in zip(cams, boxes, strict=True)
         ],
         dtype=bool,
@@ -202,13 +245,18 @@ def _hits_at(
 
 
 def gt_known_loc(
-    cams: Any, boxes: Sequence[Any], threshold: float, iou_threshold: float = 0.5, multi_contour: bool = False
+    cams: Any,
+    boxes: Sequence[Any],
+    threshold: float,
+    iou_threshold: float = 0.5,
+    multi_contour: bool = False,
+    protocol: str = "wsol",
 ) -> float:
     """GT-known localisation accuracy at one CAM threshold: share of images with IoU >= ``iou_threshold``.
 
     ``cams`` should be the ground-truth class's maps (the class is known).
     """
-    hits = _hits_at(cams, boxes, threshold, iou_threshold, multi_contour)
+    hits = _hits_at(cams, boxes, threshold, iou_threshold, multi_contour, protocol)
     return float(hits.mean()) if len(hits) else 0.0
 
 
@@ -220,9 +268,10 @@ def top1_loc(
     threshold: float,
     iou_threshold: float = 0.5,
     multi_contour: bool = False,
+    protocol: str = "wsol",
 ) -> float:
     """Top-1 localisation accuracy: the predicted class is right AND the box has IoU >= ``iou_threshold``."""
-    hits = _hits_at(cams, boxes, threshold, iou_threshold, multi_contour)
+    hits = _hits_at(cams, boxes, threshold, iou_threshold, multi_contour, protocol)
     pred, gt = np.asarray(pred_labels).ravel(), np.asarray(gt_labels).ravel()
     _check_lengths(hits, pred, "predicted labels")
     _check_lengths(hits, gt, "ground-truth labels")

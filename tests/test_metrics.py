@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from acol_core.localize import normalize_cam
+from acol_core.localize import (
+    BOX_PROTOCOLS,
+    normalize_cam,
+    predicted_boxes,
+    quantize_scoremap,
+    scoremap_boxes,
+)
 from acol_core.metrics import (
     best_dice,
     box_iou_matrix,
@@ -73,9 +80,29 @@ def _left_columns() -> tuple[np.ndarray, list[list[int]]]:
 
 
 def test_max_box_acc_hand_computed_two_images() -> None:
+    """wsolevaluation's protocol, worked by hand.
+
+    Image 1 quantises to 102 (the 4×4 square) and 229 (its centre); the cut is int(τ · 229): 0 and 57
+    keep the square, whose boundingRect box is [2, 2, 6, 6] (x + w, one pixel past the object): IoU
+    16/25; 114 and 171 keep the centre, box [3, 3, 5, 5]: IoU 9/16. Image 2's columns give
+    [0, 0, 2, 7] (the bottom edge clipped to H - 1) at every τ: IoU 24/32.
+    """
     (c1, b1), (c2, b2) = _nested_square(), _left_columns()
-    out = max_box_acc(np.stack([c1, c2]), [b1, b2], iou_thresholds=(0.3, 0.5, 0.7), step=STEP)
+    out = max_box_acc(np.stack([c1, c2]), [b1, b2], iou_thresholds=(0.3, 0.5, 0.7, 0.6), step=STEP)
     np.testing.assert_allclose(out["thresholds"], [0, 0.25, 0.5, 0.75])
+    np.testing.assert_allclose(out["curve"][0.3], [1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(out["curve"][0.6], [1.0, 1.0, 0.5, 0.5])  # 16/25 ≥ .6 > 9/16
+    np.testing.assert_allclose(out["curve"][0.7], [0.5, 0.5, 0.5, 0.5])
+    assert out["per_iou"] == {0.3: 1.0, 0.5: 1.0, 0.7: 0.5, 0.6: 1.0}
+    assert out["best_threshold"] == {0.3: 0.0, 0.5: 0.0, 0.7: 0.0, 0.6: 0.0}
+
+
+def test_components_protocol_hand_computed_two_images() -> None:
+    """The named alternative: ``cam >= τ``, inclusive extents (τ=0 switches every pixel on)."""
+    (c1, b1), (c2, b2) = _nested_square(), _left_columns()
+    out = max_box_acc(
+        np.stack([c1, c2]), [b1, b2], iou_thresholds=(0.3, 0.5, 0.7), step=STEP, protocol="components"
+    )
     np.testing.assert_allclose(out["curve"][0.3], [0.5, 1.0, 0.5, 0.5])
     np.testing.assert_allclose(out["curve"][0.5], [0.5, 1.0, 0.5, 0.5])  # IoU exactly 0.5 counts
     np.testing.assert_allclose(out["curve"][0.7], [0.0, 0.5, 0.0, 0.0])
@@ -86,9 +113,10 @@ def test_max_box_acc_hand_computed_two_images() -> None:
 
 def test_image_without_gt_box_is_a_miss() -> None:
     c1, b1 = _nested_square()
-    for missing in ([], None):
-        out = max_box_acc(np.stack([c1, c1, c1]), [b1, b1, missing], step=STEP)
-        assert out["per_iou"][0.5] == pytest.approx(2 / 3)
+    for protocol in BOX_PROTOCOLS:
+        for missing in ([], None):
+            out = max_box_acc(np.stack([c1, c1, c1]), [b1, b1, missing], step=STEP, protocol=protocol)
+            assert out["per_iou"][0.5] == pytest.approx(2 / 3)
 
 
 def test_multi_contour_finds_the_small_object_largest_contour_misses_it() -> None:
@@ -98,25 +126,96 @@ def test_multi_contour_finds_the_small_object_largest_contour_misses_it() -> Non
     gt = [[[6, 6, 7, 7]]]
     largest = max_box_acc(cam[None], gt, multi_contour=False, step=0.5)
     multi = max_box_acc(cam[None], gt, multi_contour=True, step=0.5)
-    np.testing.assert_allclose(largest["curve"][0.5], [0.0, 0.0])  # τ=0: whole image, IoU 4/64
-    np.testing.assert_allclose(multi["curve"][0.5], [0.0, 1.0])
+    # wsol: zeros are never on (value > cut), so τ=0 already separates the two blobs.
+    np.testing.assert_allclose(largest["curve"][0.5], [0.0, 0.0])
+    np.testing.assert_allclose(multi["curve"][0.5], [1.0, 1.0])
     assert max_box_acc_v2(cam[None], gt, step=0.5)["mean"] == 1.0
+    # components: τ=0 switches every pixel on, one full-image box (IoU 4/64).
+    multi = max_box_acc(cam[None], gt, multi_contour=True, step=0.5, protocol="components")
+    np.testing.assert_allclose(multi["curve"][0.5], [0.0, 1.0])
 
 
-def test_any_gt_box_may_match() -> None:
+def test_largest_contour_is_by_polygon_area_not_pixel_count() -> None:
+    """An 8-pixel line has contourArea 0, a 2×2 square 1: the reference keeps the square."""
     cam = np.zeros((8, 8))
-    cam[6:8, 6:8] = 1.0
-    out = max_box_acc(cam[None], [[[0, 0, 1, 1], [6, 6, 7, 7]]], step=0.5)
-    assert out["per_iou"][0.5] == 1.0
+    cam[0, :] = 1.0
+    cam[5:7, 5:7] = 1.0
+    gt = [[[5, 5, 7, 7]]]  # the square's wsol box [5, 5, 7, 7]
+    assert max_box_acc(cam[None], gt, step=0.5)["per_iou"][0.5] == 1.0
+    assert max_box_acc(cam[None], gt, step=0.5, protocol="components")["per_iou"][0.5] == 0.0
 
 
-def test_no_contour_at_a_threshold_and_zero_map() -> None:
+def test_hole_borders_are_contours_in_the_wsol_protocol() -> None:
+    """RETR_TREE returns the hole's border too: its box [2, 2, 6, 6] matches GT [2, 2, 5, 5] (IoU 16/25)."""
+    cam = np.zeros((8, 8))
+    cam[1:7, 1:7] = 1.0
+    cam[3:5, 3:5] = 0.0
+    gt = [[[2, 2, 5, 5]]]
+    assert scoremap_boxes(cam, 0.5) == [[1, 1, 7, 7], [2, 2, 6, 6]]
+    assert max_box_acc_v2(cam[None], gt, step=0.5)["per_iou"][0.5] == 1.0
+    # The component's inclusive extent [1, 1, 6, 6] overlaps 16/36 < .5.
+    assert max_box_acc_v2(cam[None], gt, step=0.5, protocol="components")["per_iou"][0.5] == 0.0
+
+
+def test_threshold_is_relative_to_the_quantised_maximum() -> None:
+    """A map peaking at 0.4: wsol cuts at int(τ · 102), so τ=0.5 still keeps the peak; ``>=`` keeps none."""
+    cam = np.zeros((8, 8))
+    cam[2:4, 2:4] = 0.4
+    gt = [[[2, 2, 4, 4]]]
+    wsol = max_box_acc(cam[None], gt, step=0.5)
+    np.testing.assert_allclose(wsol["curve"][0.5], [1.0, 1.0])
+    comp = max_box_acc(cam[None], gt, step=0.5, protocol="components")
+    np.testing.assert_allclose(comp["curve"][0.5], [0.0, 0.0])  # τ=0 all on; τ=.5 nothing on
+
+
+def test_quantisation_truncates_before_thresholding() -> None:
+    """0.199 · 255 = 50.7 quantises to 50; at τ = 0.198 the cut is int(0.198 · 255) = 50 and 50 > 50
+    fails, although the float map is above τ there (the components rule keeps that blob)."""
+    cam = np.zeros((4, 8))
+    cam[:, 0:2] = 1.0
+    cam[:, 4:6] = 0.199
+    q = quantize_scoremap(cam)
+    assert q[0, 0] == 255 and q[0, 4] == 50
+    assert scoremap_boxes(cam, 0.196) == [[4, 0, 6, 3], [0, 0, 2, 3]]  # cut 49: both blobs
+    assert scoremap_boxes(cam, 0.198) == [[0, 0, 2, 3]]
+    assert scoremap_boxes(cam, 0.198, protocol="components") == [[0, 0, 1, 3], [4, 0, 5, 3]]
+
+
+def test_no_contour_gives_the_zero_box_fallback() -> None:
+    zero = np.zeros((1, 8, 8))
+    # Nothing is above the cut at any τ: the box is [0, 0, 0, 0], one pixel, which a GT box there hits.
+    out = max_box_acc(zero, [[[0, 0, 0, 0]]], step=STEP)
+    np.testing.assert_allclose(out["curve"][0.5], [1.0, 1.0, 1.0, 1.0])
+    out = max_box_acc(zero, [[[0, 0, 7, 7]]], step=STEP)
+    assert out["per_iou"][0.5] == 0.0
+    assert scoremap_boxes(zero[0], 0.5) == [[0, 0, 0, 0]]
+    assert predicted_boxes(zero[0], 0.5) == []
+
+
+def test_no_component_in_the_components_protocol() -> None:
     zero = np.zeros((1, 8, 8))
     # τ=0 switches every pixel on (cam >= 0): a full-image box; above it there is no component.
-    out = max_box_acc(zero, [[[0, 0, 7, 7]]], step=STEP)
+    out = max_box_acc(zero, [[[0, 0, 7, 7]]], step=STEP, protocol="components")
     np.testing.assert_allclose(out["curve"][0.5], [1.0, 0.0, 0.0, 0.0])
-    out = max_box_acc(zero, [[[2, 2, 5, 5]]], step=STEP)
+    out = max_box_acc(zero, [[[2, 2, 5, 5]]], step=STEP, protocol="components")
     assert out["per_iou"][0.5] == 0.0
+
+
+def test_cached_cuts_equal_per_threshold_boxes_on_random_maps() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        cam = normalize_cam(ndimage.gaussian_filter(rng.random((24, 20)), 2))
+        gt = np.array([[3, 4, 12, 15], [14, 2, 19, 9]])
+        curve = max_box_acc_v2(cam[None], [gt.tolist()])["curve"]
+        for k, tau in enumerate(cam_thresholds()):
+            iou = box_iou_matrix(scoremap_boxes(cam, tau), gt).max()
+            for t in (0.3, 0.5, 0.7):
+                assert curve[t][k] == float(iou >= t)
+
+
+def test_unknown_protocol_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown box protocol"):
+        max_box_acc(np.zeros((1, 4, 4)), [[[0, 0, 1, 1]]], protocol="cv3")
 
 
 def test_max_box_acc_nan_map_and_normalize_cam_agree() -> None:
@@ -151,10 +250,14 @@ def test_default_thresholds() -> None:
 def test_gt_known_and_top1_loc() -> None:
     (c1, b1), (c2, b2) = _nested_square(), _left_columns()
     cams, boxes = np.stack([c1, c2, c1]), [b1, b2, [[0, 0, 0, 0]]]
-    # At τ=.25 with IoU ≥ .5: image 1 hits (1.0), image 2 hits (0.5), image 3 misses.
+    # wsol at τ=.25: image 1 IoU 16/25, image 2 24/32, image 3 misses; at τ=.5 image 1 has 9/16.
     assert gt_known_loc(cams, boxes, 0.25) == pytest.approx(2 / 3)
     assert gt_known_loc(cams, boxes, 0.25, iou_threshold=0.7) == pytest.approx(1 / 3)
-    assert gt_known_loc(cams, boxes, 0.5) == pytest.approx(1 / 3)  # image 1 drops to 0.25
+    assert gt_known_loc(cams, boxes, 0.5) == pytest.approx(2 / 3)
+    assert gt_known_loc(cams, boxes, 0.5, iou_threshold=0.6) == pytest.approx(1 / 3)
+    # components at τ=.25: image 1 IoU 1, image 2 0.5; at τ=.5 image 1 drops to 0.25.
+    assert gt_known_loc(cams, boxes, 0.25, protocol="components") == pytest.approx(2 / 3)
+    assert gt_known_loc(cams, boxes, 0.5, protocol="components") == pytest.approx(1 / 3)
     pred, gt = np.array([1, 0, 1]), np.array([1, 1, 1])
     assert top1_loc(cams, boxes, pred, gt, 0.25) == pytest.approx(1 / 3)  # image 2 hits but is misclassified
     assert top1_loc(cams, boxes, gt, gt, 0.25) == gt_known_loc(cams, boxes, 0.25)

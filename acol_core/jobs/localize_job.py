@@ -35,7 +35,7 @@ from acol_core.data.codec import decode_png, encode_png
 from acol_core.data.schema import SPLITS
 from acol_core.data.transforms import prepare_image, standardize
 from acol_core.export import ExportedInfo, load_exported, read_export_info
-from acol_core.localize import cam_to_mask, mask_to_boxes, normalize_cam, resize_map
+from acol_core.localize import cam_to_mask, normalize_cam, predicted_boxes, resize_map
 from acol_core.predictions import (
     PREDICTION_SCHEMA,
     PredictionsInfo,
@@ -199,7 +199,7 @@ def localize_rows(
         "scores": [s.astype(np.float32).tolist() for s in scores],
         "cam": [encode_png(c) for c in cams],
         "mask": [encode_mask(m) for m in masks],
-        "boxes": [mask_to_boxes(m, multi_contour=True) for m in masks],
+        "boxes": [predicted_boxes(c.astype(np.float64) / 255.0, threshold) for c in cams],
         "cam_gt": cam_gt,
         "model": [model_name] * n,
         "checkpoint": [checkpoint] * n,
