@@ -9,7 +9,8 @@ writer per output folder at a time (a second writer's staging folder would be re
 Columns (one row per image): ``image_id``; ``pred_label``; ``scores`` (softmax, list<float>); ``cam``
 (uint8 PNG of the predicted class's fused, normalised map ×255 at the image's own height × width);
 ``mask`` (uint8 PNG, 1 where ``cam / 255 >= threshold``: the stored map reproduces the stored mask
-exactly); ``boxes`` (inclusive ``[x0, y0, x1, y1]`` of every 8-connected component, largest first);
+exactly); ``boxes`` (wsolevaluation's ``[x0, y0, x1, y1]`` box of every OpenCV contour of the map at
+the threshold, as MaxBoxAccV2 scores them: ``acol_core.localize.predicted_boxes``; empty when none);
 ``cam_gt`` (the ground-truth class's map where the dataset row has a label that differs from
 ``pred_label``, else null: where it is null the GT class's map is ``cam``); ``model`` (registry name)
 and ``checkpoint`` (sha256 of the model export file); ``subject_id``, ``slice_index``, ``height``,

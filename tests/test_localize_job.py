@@ -31,7 +31,7 @@ from acol_core.data.shards import open_dataset
 from acol_core.data.sources.nifti import load_nifti_bytes, to_display
 from acol_core.data.transforms import table_to_arrays
 from acol_core.export import export_model, load_exported
-from acol_core.localize import mask_to_boxes
+from acol_core.localize import predicted_boxes
 from acol_core.predictions import (
     PREDICTION_SCHEMA,
     SUCCESS_NAME,
@@ -150,7 +150,7 @@ def _check_predictions(out: str, data_uri: str, split: str = "test") -> pa.Table
         cam, mask = decode_png(p["cam"]), decode_png(p["mask"])
         assert cam.dtype == np.uint8 and cam.shape == size and mask.shape == size
         np.testing.assert_array_equal(mask, (cam / 255.0 >= info.threshold).astype(np.uint8))
-        assert p["boxes"] == mask_to_boxes(mask)
+        assert p["boxes"] == predicted_boxes(cam / 255.0, info.threshold)
         assert abs(sum(p["scores"]) - 1.0) < 1e-5 and p["pred_label"] == int(np.argmax(p["scores"]))
         assert p["model"] == "acol" and p["checkpoint"] == info.checkpoint
     return table
