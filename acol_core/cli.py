@@ -314,6 +314,29 @@ def report(run: str = typer.Option(..., help="pipeline run folder holding run.js
     typer.echo(write_report(run))
 
 
+@app.command(
+    epilog="Example: acol study --config studies/demo.yaml --storage runs/studies --table docs/results/demo.md"
+)
+@clear_errors
+def study(
+    config: str = typer.Option(..., help="study YAML (models × seeds × presets), path or URI"),
+    storage: str = typer.Option(..., help="where the study folder goes (path or s3://)"),
+    parallel: int = typer.Option(1, help="cells trained at once (each its own Ray Train run)"),
+    table: str | None = typer.Option(None, help="also write the generated Markdown table here"),
+) -> None:
+    """Train, localize and evaluate every model × seed × preset; print the mean ± sd table."""
+    from acol_core.jobs.study_run import run_study
+    from acol_core.study import load_study, results_markdown
+
+    results = run_study(load_study(config), storage, parallel=parallel, table=table, echo=_echo_err)
+    typer.echo(results_markdown(results))
+    typer.echo(f"results: {results['results_uri']}", err=True)
+
+
+def _echo_err(line: str) -> None:
+    typer.echo(line, err=True)
+
+
 def main() -> None:
     app()
 

@@ -21,9 +21,9 @@ from acol_core.data.shards import open_dataset
 from acol_core.data.transforms import table_to_arrays
 from acol_core.evaluate import evaluate_predictions
 from acol_core.export import export_model
+from acol_core.jobs.localize_job import localize_plain
 from acol_core.localize import boxes_from_mask
 from acol_core.metrics import box_iou_matrix
-from acol_core.jobs.localize_job import localize_plain
 from acol_core.predictions import (
     PREDICTION_SCHEMA,
     SUCCESS_NAME,

@@ -1,0 +1,124 @@
+"""Run a study (``acol_core.study``): every cell a Ray Train run, a Ray Data localize job and an evaluation.
+
+One machine (Ray starts in this process)::
+
+    acol study --config studies/demo.yaml --storage runs/studies --table docs/results/demo.md
+
+A cluster (storage on S3; ``--parallel`` cells train at once, each with ``workers`` Ray Train workers)::
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- acol study --config studies/skull.yaml \
+        --storage s3://bucket/studies --parallel 8
+
+The same command again resumes: prepared datasets, exported models, committed predictions and written
+evaluations are kept; an unfinished training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from acol_core.storage import exists, join, read_bytes, write_bytes
+from acol_core.study import StudyCell, StudyConfig, aggregate, results_markdown
+
+__all__ = ["run_study"]
+
+
+def _prepare(config: StudyConfig, storage: str, preset: str, echo: Callable[[str], None]) -> str:
+    from acol_core.data.prepare import prepare_dataset
+
+    data = config.data_uri(storage, preset)
+    spec = config.presets[preset]
+    if spec.data is not None or exists(join(data, "_manifest.json")):
+        return data
+    echo(f"[{preset}] preparing {spec.source} -> {data}")
+    options: dict[str, Any] = dict(spec.source_options)
+    if spec.fullsup_per_class is not None:
+        options["fullsup_per_class"] = spec.fullsup_per_class
+    if spec.split_fractions is not None:
+        options["split_fractions"] = spec.split_fractions
+    prepare_dataset(spec.source, data, input_uri=spec.input, seed=spec.seed, **options)
+    return data
+
+
+def _committed(predictions: str) -> bool:
+    from acol_core.predictions import PredictionsError, read_success
+
+    try:
+        read_success(predictions)
+    except PredictionsError:
+        return False
+    return True
+
+
+def _run_cell(config: StudyConfig, storage: str, cell: StudyCell, echo: Callable[[str], None]) -> None:
+    """Train, localize and evaluate one cell, skipping each step whose output is already committed."""
+    from acol_core.evaluate import evaluate_predictions
+    from acol_core.jobs.localize_job import run_localize
+    from acol_core.jobs.train_run import RunOptions, run_training
+
+    data = config.data_uri(storage, cell.preset)
+    root = config.cell_uri(storage, cell)
+    model = join(root, "model.safetensors")
+    predictions = join(root, "predictions")
+    evaluation = join(root, "evaluation.json")
+    if exists(evaluation):
+        return
+    started = time.perf_counter()
+    if not exists(model):
+        options = RunOptions(data=data, storage=root, name="train", workers=config.workers)
+        result = run_training(config.train_config(cell), options)
+        if result.model_uri is None:
+            raise RuntimeError(f"{cell.key}: training finished without a checkpoint")
+        write_bytes(model, read_bytes(result.model_uri))
+    if not _committed(predictions):
+        run_localize(model, data, predictions, split="val,test")
+    report = evaluate_predictions(predictions, data, split="test")
+    write_bytes(evaluation, (json.dumps(report, indent=2) + "\n").encode())
+    echo(f"[{cell.key}] done in {time.perf_counter() - started:.0f} s")
+
+
+def run_study(
+    config: StudyConfig,
+    storage: str,
+    parallel: int = 1,
+    table: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every unfinished cell, then write ``results.json`` and ``results.md`` (and ``table``, a copy).
+
+    Args:
+        parallel: cells trained at once (each its own Ray Train run; on a cluster they spread over it).
+        table: also write the Markdown table here (e.g. ``docs/results/<name>.md``).
+    """
+    from acol_core.jobs import ray_init
+    from acol_core.storage import check_reachable
+
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    check_reachable(storage)
+    root = config.root(storage)
+    for preset in config.presets:
+        _prepare(config, storage, preset, echo)
+    ray_init()
+    cells = config.cells()
+    echo(f"study {config.name}: {len(cells)} cells ({len(config.presets)} presets × "
+         f"{len(config.models)} models × {len(config.seeds)} seeds) in {root}")  # fmt: skip
+    if parallel == 1:
+        for cell in cells:
+            _run_cell(config, storage, cell, echo)
+    else:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            for future in [pool.submit(_run_cell, config, storage, c, echo) for c in cells]:
+                future.result()
+    results = aggregate(config, storage)
+    results["results_uri"] = join(root, "results.json")
+    write_bytes(results["results_uri"], (json.dumps(results, indent=2) + "\n").encode())
+    markdown = results_markdown(results)
+    write_bytes(join(root, "results.md"), markdown.encode())
+    if table:
+        write_bytes(table, markdown.encode())
+    return results
