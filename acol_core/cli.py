@@ -289,7 +289,8 @@ def localize(
 @clear_errors
 def evaluate(
     predictions: str = typer.Option(
-        ..., help="predictions folder written by `acol localize`; several (comma-separated): seeds of one model"
+        ...,
+        help="predictions folder written by `acol localize`; several (comma-separated): seeds of one model",
     ),
     data: str = typer.Option(..., help="the dataset the predictions were made on"),
     split: str = typer.Option("test", help="split to score"),

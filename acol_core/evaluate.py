@@ -251,7 +251,9 @@ def _classification(rows: _Rows, class_names: Sequence[str]) -> dict[str, Any]:
 def volume_report(rows: _Rows, class_names: Sequence[str], threshold: float) -> dict[str, Any]:
     """Per-subject (3-D) Dice/IoU and detection at ``threshold`` (``acol_core.subjects``), or why not."""
     if len(class_names) != 2:
-        return {"skipped": f"per-subject volume metrics need a binary dataset, this one has {len(class_names)} classes"}
+        return {
+            "skipped": f"per-subject volume metrics need a binary dataset, this one has {len(class_names)} classes"
+        }
     subjects = set(rows.subject_ids)
     if len(subjects) == len(rows.subject_ids):
         return {"skipped": "no subject has more than one slice (2-D images, not volumes)"}
@@ -298,7 +300,9 @@ def _evaluate(
     if rows is None:
         raise PredictionsError(f"split {split!r} of {data_uri} has no rows")
     if val_data is not None and val_predictions is None:
-        raise PredictionsError("--val-data names the dataset of --val-predictions: give --val-predictions too")
+        raise PredictionsError(
+            "--val-data names the dataset of --val-predictions: give --val-predictions too"
+        )
     val_source = val_predictions or pred_uri
     val_uri = val_data or data_uri
     if val_predictions is not None:
@@ -312,7 +316,9 @@ def _evaluate(
     chosen = select_thresholds(_join(val_source, val_dataset, "val", required=False), iou_threshold, step)
     if val_predictions is not None and chosen["rows"] == 0:
         hint = "" if val_data else ": predictions of another dataset? name it with --val-data"
-        raise PredictionsError(f"{val_predictions} has no predictions for fullsup val rows of {val_uri}{hint}")
+        raise PredictionsError(
+            f"{val_predictions} has no predictions for fullsup val rows of {val_uri}{hint}"
+        )
     fallback = float(info.threshold)
     box_threshold = chosen.get("box_threshold", fallback)
     dice_threshold = chosen.get("dice_threshold", fallback)
@@ -430,7 +436,9 @@ def evaluate_runs(
         raise PredictionsError("no predictions folder given")
     vals = list(val_predictions) if val_predictions else [None] * len(pred_uris)
     if len(vals) != len(pred_uris):
-        raise PredictionsError(f"{len(vals)} val predictions for {len(pred_uris)} predictions folders: give one per run")
+        raise PredictionsError(
+            f"{len(vals)} val predictions for {len(pred_uris)} predictions folders: give one per run"
+        )
     if compare_to and len(compare_to) not in (1, len(pred_uris)):
         raise PredictionsError(f"--compare-to takes 1 or {len(pred_uris)} folders, got {len(compare_to)}")
     _check_one_recipe(pred_uris)
@@ -467,7 +475,6 @@ def evaluate_runs(
         "runs": reports,
         **({"comparison": comparisons} if comparisons else {}),
     }
-
 
 
 def write_subjects_csv(report: dict[str, Any], uri: str, required: bool = True) -> str | None:

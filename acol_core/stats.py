@@ -140,7 +140,9 @@ def _interval(
     }
 
 
-def pixel_histograms(maps: Iterable[Any], masks: Iterable[Any], step: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def pixel_histograms(
+    maps: Iterable[Any], masks: Iterable[Any], step: float = 0.01
+) -> tuple[np.ndarray, np.ndarray]:
     """Per image, object and background pixel counts per CAM-threshold bin (255 left out).
 
     Bin 0 holds scores below every threshold, bin k scores in ``[τ_{k-1}, τ_k)`` for the thresholds

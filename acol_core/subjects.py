@@ -94,10 +94,7 @@ def subject_metrics(
             raise PredictionsError(f"subject {subject!r} has slices of different sizes {sorted(shapes)}")
         gt = np.stack([np.asarray(masks[i]) for i in rows])
         pred = np.stack(
-            [
-                (np.asarray(maps[i], dtype=np.float64) >= threshold) & bool(positive[i])
-                for i in rows
-            ]
+            [(np.asarray(maps[i], dtype=np.float64) >= threshold) & bool(positive[i]) for i in rows]
         )
         scored = gt != IGNORE
         truth, guess = (gt == 1) & scored, pred & scored

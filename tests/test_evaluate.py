@@ -248,7 +248,9 @@ def test_cli_evaluate(phantom: str, tmp_path: Path) -> None:
     # The phantom's subjects have several slices: their CSV lands next to the JSON, and the JSON says where.
     csv_lines = (tmp_path / "m.subjects.csv").read_text().splitlines()
     assert report["subjects"]["csv"] == str(tmp_path / "m.subjects.csv")
-    assert len(csv_lines) == 1 + report["subjects"]["summary"]["subjects"] and csv_lines[0].startswith("subject_id")
+    assert len(csv_lines) == 1 + report["subjects"]["summary"]["subjects"] and csv_lines[0].startswith(
+        "subject_id"
+    )
     (tmp_path / "empty").mkdir()
     for args, message in (
         (["--predictions", str(tmp_path / "empty"), "--data", phantom], SUCCESS_NAME),
@@ -270,14 +272,24 @@ def cohort_b(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_thresholds_from_another_dataset(phantom: str, cohort_b: str, tmp_path: Path) -> None:
     """Val maps of cohort A separate at τ = 0.30; cohort B's test maps need τ > 0.35: A's choice applies."""
-    val_a = _hand_predictions(phantom, str(tmp_path / "val"), ("val",), cam=lambda obj: np.where(obj > 0, 0.6, 0.3))
-    test_b = _hand_predictions(cohort_b, str(tmp_path / "b"), ("test",), cam=lambda obj: np.where(obj > 0, 1.0, 0.35))
+    val_a = _hand_predictions(
+        phantom, str(tmp_path / "val"), ("val",), cam=lambda obj: np.where(obj > 0, 0.6, 0.3)
+    )
+    test_b = _hand_predictions(
+        cohort_b, str(tmp_path / "b"), ("test",), cam=lambda obj: np.where(obj > 0, 1.0, 0.35)
+    )
     report = evaluate_predictions(test_b, cohort_b, val_predictions=val_a, val_data=phantom)
     thresholds = report["thresholds"]
-    assert thresholds["source"] == val_a and thresholds["val_data"] == phantom and thresholds["external"] is True
+    assert (
+        thresholds["source"] == val_a and thresholds["val_data"] == phantom and thresholds["external"] is True
+    )
     assert thresholds["fullsup_val_rows"] == 8 and thresholds["dice"] == pytest.approx(0.30)
     overall = report["localization"]["overall"]
-    assert overall["pixel_rows"] > 0 and overall["dice_iou"]["dice"] < 0.5 and overall["best_dice"]["dice"] == 1.0
+    assert (
+        overall["pixel_rows"] > 0
+        and overall["dice_iou"]["dice"] < 0.5
+        and overall["best_dice"]["dice"] == 1.0
+    )
     # Same image ids in both cohorts: without --val-data, A's maps are never joined to B's masks.
     with pytest.raises(PredictionsError, match="name their dataset with --val-data"):
         evaluate_predictions(test_b, cohort_b, val_predictions=val_a)
@@ -287,7 +299,17 @@ def test_thresholds_from_another_dataset(phantom: str, cohort_b: str, tmp_path: 
     assert own["thresholds"]["external"] is False and own["thresholds"]["val_data"] == phantom
     result = CliRunner().invoke(
         app,
-        ["evaluate", "--predictions", test_b, "--data", cohort_b, "--val-predictions", val_a, "--val-data", phantom],
+        [
+            "evaluate",
+            "--predictions",
+            test_b,
+            "--data",
+            cohort_b,
+            "--val-predictions",
+            val_a,
+            "--val-data",
+            phantom,
+        ],
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["thresholds"] == thresholds
@@ -317,7 +339,9 @@ def test_per_subject_volume_metrics(phantom: str, tmp_path: Path, case: str) -> 
         pred = _hand_predictions(phantom, str(tmp_path / "p"), cam=np.ones_like, pred=lambda label: 1)
     subjects = evaluate_predictions(pred, phantom)["subjects"]
     truth = _subject_truth(phantom)
-    assert subjects["positive_class"] == "tumour" and [s["subject_id"] for s in subjects["per_subject"]] == sorted(truth)
+    assert subjects["positive_class"] == "tumour" and [
+        s["subject_id"] for s in subjects["per_subject"]
+    ] == sorted(truth)
     for s in subjects["per_subject"]:
         masks = truth[s["subject_id"]]["masks"]
         g, scored = int((masks == 1).sum()), int((masks != 255).sum())
@@ -346,7 +370,9 @@ def _noisy(k: int) -> MapFn:
 
 def test_seed_summary_and_paired_comparison(phantom: str, tmp_path: Path) -> None:
     seeds = [_hand_predictions(phantom, str(tmp_path / f"s{k}"), cam=_noisy(k)) for k in range(3)]
-    poor = _hand_predictions(phantom, str(tmp_path / "poor"), cam=lambda obj: np.random.default_rng(9).random(obj.shape))
+    poor = _hand_predictions(
+        phantom, str(tmp_path / "poor"), cam=lambda obj: np.random.default_rng(9).random(obj.shape)
+    )
     report = evaluate_runs(seeds, phantom, compare_to=[poor], n_boot=300, seed=0)
     assert report["predictions"] == seeds and len(report["runs"]) == 3
     singles = [evaluate_predictions(uri, phantom) for uri in seeds]
@@ -358,7 +384,9 @@ def test_seed_summary_and_paired_comparison(phantom: str, tmp_path: Path) -> Non
     assert pxap_stats["sd"] == pytest.approx(np.std(values, ddof=1))
     assert report["seeds"]["subjects.dice.mean"]["n"] == 3  # the per-subject summary is summarised too
     poor_pxap = evaluate_predictions(poor, phantom)["localization"]["overall"]["pxap"]
-    assert [c["b"] for c in report["comparison"]] == [poor] * 3 and [c["a"] for c in report["comparison"]] == seeds
+    assert [c["b"] for c in report["comparison"]] == [poor] * 3 and [
+        c["a"] for c in report["comparison"]
+    ] == seeds
     for comparison, value in zip(report["comparison"], values, strict=True):
         assert comparison["diff"] == pytest.approx(value - poor_pxap, abs=1e-9)
         assert comparison["low"] <= comparison["diff"] <= comparison["high"] and comparison["n_boot"] == 300
@@ -380,7 +408,9 @@ def test_seed_refusals_and_cli(phantom: str, cohort_b: str, tmp_path: Path) -> N
             evaluate_runs(uris, phantom)
     with pytest.raises(PredictionsError, match="--compare-to takes 1 or 2"):
         evaluate_runs(seeds, phantom, compare_to=[other_model] * 3)
-    failed = CliRunner().invoke(app, ["evaluate", "--predictions", f"{seeds[0]},{other_model}", "--data", phantom])
+    failed = CliRunner().invoke(
+        app, ["evaluate", "--predictions", f"{seeds[0]},{other_model}", "--data", phantom]
+    )
     lines = failed.stderr.strip().splitlines()
     assert failed.exit_code == 2 and len(lines) == 1 and "seeds of one model" in lines[0]
     out = tmp_path / "m.json"

@@ -149,12 +149,26 @@ def test_subject_dice_by_hand() -> None:
     assert s2["dice"] is None and s2["iou"] is None and not s2["gt_tumour"] and not s2["pred_tumour"]
     assert s2["pred_voxels"] == 0 and s2["slices"] == 2
     summary = summarize_subjects([s1, s2], subjects_total=3)
-    assert summary["detection"] == {"tp": 1, "fp": 0, "fn": 0, "tn": 1, "sensitivity": 1.0, "specificity": 1.0}
+    assert summary["detection"] == {
+        "tp": 1,
+        "fp": 0,
+        "fn": 0,
+        "tn": 1,
+        "sensitivity": 1.0,
+        "specificity": 1.0,
+    }
     assert summary["subjects"] == 2 and summary["subjects_with_tumour"] == 1
     assert summary["subjects_without_masks"] == 1
-    assert summary["dice"] == {"mean": pytest.approx(1 / 3), "sd": None, "n": 1, "median": pytest.approx(1 / 3)}
+    assert summary["dice"] == {
+        "mean": pytest.approx(1 / 3),
+        "sd": None,
+        "n": 1,
+        "median": pytest.approx(1 / 3),
+    }
     lines = subjects_csv([s1, s2]).splitlines()
-    assert lines[0].startswith("subject_id,slices,gt_voxels") and lines[2].startswith("s2,2,0,0,0,0,0,,,False")
+    assert lines[0].startswith("subject_id,slices,gt_voxels") and lines[2].startswith(
+        "s2,2,0,0,0,0,0,,,False"
+    )
 
 
 def test_subject_refusals_and_missing_masks() -> None:
