@@ -315,7 +315,7 @@ def evaluate(
     ),
 ) -> None:
     """Score predictions against the ground truth: accuracy, PxAP, MaxBoxAcc(V2), loc, Dice/IoU, per-subject; JSON."""
-    from acol_core.evaluate import evaluate_runs, write_subjects_csv
+    from acol_core.evaluate import evaluate_runs, subjects_csv_uri, write_subjects_csv
     from acol_core.storage import write_bytes
 
     def uris(value: str | None) -> list[str]:
@@ -334,8 +334,7 @@ def evaluate(
     if subjects_csv:
         write_subjects_csv(report, subjects_csv)
     elif output:  # next to the JSON, when the dataset has subjects of several slices
-        stem = output[: -len(".json")] if output.endswith(".json") else output
-        write_subjects_csv(report, stem + ".subjects.csv", required=False)
+        write_subjects_csv(report, subjects_csv_uri(output), required=False)
     text = json.dumps(report, indent=2)
     if output:
         write_bytes(output, (text + "\n").encode())

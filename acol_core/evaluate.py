@@ -57,6 +57,7 @@ __all__ = [
     "seed_metrics",
     "select_thresholds",
     "volume_report",
+    "subjects_csv_uri",
     "write_subjects_csv",
 ]
 
@@ -475,6 +476,11 @@ def evaluate_runs(
         "runs": reports,
         **({"comparison": comparisons} if comparisons else {}),
     }
+
+
+def subjects_csv_uri(json_uri: str) -> str:
+    """Where the per-subject CSV of an evaluation JSON goes: beside it, ``<name>.subjects.csv``."""
+    return (json_uri[: -len(".json")] if json_uri.endswith(".json") else json_uri) + ".subjects.csv"
 
 
 def write_subjects_csv(report: dict[str, Any], uri: str, required: bool = True) -> str | None:
