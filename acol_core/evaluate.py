@@ -5,7 +5,19 @@ IoU) are chosen on the ``fullsup`` rows of the val split and applied to the eval
 MaxBoxAcc(V2) are threshold-free (the maximum over thresholds). The val rows' predictions come from
 ``val_predictions`` when given, else from the evaluated predictions folder itself when it holds val rows
 (``acol localize --split val,test``). Without any, the thresholds fall back to the one ``localize``
-used, and the report says so.
+used, and the report says so. ``val_data`` names the dataset of ``val_predictions`` when it is another
+one (thresholds from a training cohort's fullsup val rows, applied to an external cohort whose rows may
+all be ``test``); ``thresholds.val_data`` / ``thresholds.external`` record where they came from. Val
+predictions made on another dataset than ``data`` are refused unless ``val_data`` names it: two cohorts
+may share image ids.
+
+Per subject: for binary datasets whose subjects have several slices, ``subjects`` holds per-subject
+(3-D) Dice/IoU at the Dice threshold and subject-level detection (``acol_core.subjects`` says which map
+and which subjects count); otherwise ``subjects.skipped`` says why.
+
+Seeds: ``evaluate_runs`` scores several predictions folders of one model (one dataset, different seeds):
+each run's report under ``runs``, mean ± sd (ddof=1) and n per metric under ``seeds``, and with
+``compare_to`` the paired bootstrap interval of the PxAP difference per run (``acol_core.stats``).
 
 Which rows count:
 - classification: every row with a label (``label >= 0``), overall and per class (per-class recall);
