@@ -282,23 +282,59 @@ def localize(
 
 
 @app.command(
-    epilog="Example: acol evaluate --predictions runs/pred --data runs/data --output runs/metrics.json"
+    epilog="Examples: acol evaluate --predictions runs/pred --data runs/data --output runs/metrics.json\n\n"
+    "acol evaluate --predictions ext/pred --data ext/data --val-predictions runs/pred --val-data runs/data\n\n"
+    "acol evaluate --predictions s0/pred,s1/pred,s2/pred --data runs/data --compare-to cam/pred"
 )
 @clear_errors
 def evaluate(
-    predictions: str = typer.Option(..., help="predictions folder written by `acol localize`"),
+    predictions: str = typer.Option(
+        ...,
+        help="predictions folder written by `acol localize`; several (comma-separated): seeds of one model",
+    ),
     data: str = typer.Option(..., help="the dataset the predictions were made on"),
     split: str = typer.Option("test", help="split to score"),
     val_predictions: str | None = typer.Option(
-        None, help="val predictions for the threshold choice [default: the val rows of --predictions, if any]"
+        None,
+        help="val predictions for the threshold choice, one per --predictions folder "
+        "[default: the val rows of --predictions, if any]",
     ),
+    val_data: str | None = typer.Option(
+        None, help="the dataset --val-predictions were made on (a training cohort) [default: --data]"
+    ),
+    compare_to: str | None = typer.Option(
+        None,
+        help="predictions of another model on the same rows (one, or one per --predictions folder): "
+        "bootstrap 95% interval of the PxAP difference",
+    ),
+    n_boot: int = typer.Option(2000, min=1, help="bootstrap resamples of --compare-to"),
+    seed: int = typer.Option(0, help="bootstrap seed"),
     output: str | None = typer.Option(None, help="also write the JSON here (path or s3://)"),
+    subjects_csv: str | None = typer.Option(
+        None, help="per-subject volume metrics CSV [default: next to --output, <name>.subjects.csv]"
+    ),
 ) -> None:
-    """Score predictions against the ground truth: accuracy, PxAP, MaxBoxAcc(V2), loc, Dice/IoU; JSON."""
-    from acol_core.evaluate import evaluate_predictions
+    """Score predictions against the ground truth: accuracy, PxAP, MaxBoxAcc(V2), loc, Dice/IoU, per-subject; JSON."""
+    from acol_core.evaluate import evaluate_runs, subjects_csv_uri, write_subjects_csv
     from acol_core.storage import write_bytes
 
-    report = evaluate_predictions(predictions, data, split=split, val_predictions=val_predictions)
+    def uris(value: str | None) -> list[str]:
+        return [u.strip() for u in value.split(",") if u.strip()] if value else []
+
+    report = evaluate_runs(
+        uris(predictions),
+        data,
+        split=split,
+        val_predictions=uris(val_predictions) or None,
+        val_data=val_data,
+        compare_to=uris(compare_to),
+        n_boot=n_boot,
+        seed=seed,
+    )
+    if subjects_csv:
+        write_subjects_csv(report, subjects_csv)
+    elif output:  # next to the JSON, when the dataset has subjects of several slices
+        write_subjects_csv(report, subjects_csv_uri(output), required=False)
     text = json.dumps(report, indent=2)
     if output:
         write_bytes(output, (text + "\n").encode())

@@ -244,7 +244,7 @@ def _load_views(record: RunRecord, dataset: Any) -> tuple[list[_ModelView], list
         if not (entry.evaluation_uri and entry.predictions_uri and exists(entry.evaluation_uri)):
             skipped.append(label)
             continue
-        evaluation = _evaluation(entry.evaluation_uri)
+        evaluation = _one_run(_evaluation(entry.evaluation_uri), entry.predictions_uri)
         rows = _join(entry.predictions_uri, dataset, str(evaluation.get("split") or "test"), required=True)
         if not views:
             baseline = _baseline(rows)
@@ -288,7 +288,7 @@ def _metrics_table(views: list[_ModelView], baseline: dict[str, float]) -> str:
         )
         arch = f"{entry.model} / {entry.backbone}" + (f" ({options})" if options else "")
         rows = _get(view.evaluation, ("localization", "overall", "pixel_rows"))
-        cells = "".join(f"<td>{_fmt(_get(view.evaluation, path))}</td>" for _, path in COLUMNS)
+        cells = "".join(f"<td>{_metric_cell(view.evaluation, path)}</td>" for _, path in COLUMNS)
         lines.append(
             f"<tr><td>{_e(view.label)}</td><td class='arch'>{_e(arch)}</td><td>{_fmt(rows, 'g')}</td>{cells}</tr>"
         )
@@ -297,6 +297,68 @@ def _metrics_table(views: list[_ModelView], baseline: dict[str, float]) -> str:
         lines.append(f"<tr class='baseline'><td>{BASELINE}</td><td>baseline map</td><td></td>{cells}</tr>")
     lines.append("</table></div>")
     return "\n".join(lines)
+
+
+def _mean_sd(stats: Any, spec: str = ".3f") -> str:
+    """``mean ± sd`` of a ``acol_core.stats.mean_sd`` dict (just the mean when sd is undefined)."""
+    mean, sd = _get(stats, ("mean",)), _get(stats, ("sd",))
+    return _fmt(mean, spec) + (f" ± {_fmt(sd, spec)}" if _number(sd) is not None else "")
+
+
+def _metric_cell(evaluation: dict[str, Any], path: tuple[str, ...]) -> str:
+    """The metric, or its mean ± sd over seeds (n in the tooltip) when the evaluation has several runs."""
+    stats = _get(evaluation, ("seeds",))
+    if isinstance(stats, dict) and ".".join(path) in stats:
+        entry = stats[".".join(path)]
+        return f"<span title='mean ± sd over {_fmt(entry.get('n'), 'g')} seeds'>{_e(_mean_sd(entry))}</span>"
+    return _fmt(_get(evaluation, path))
+
+
+def _one_run(evaluation: dict[str, Any], predictions_uri: str) -> dict[str, Any]:
+    """An evaluation of several seeds (``runs``) seen as the run of ``predictions_uri`` (else the first),
+    with the seed statistics kept beside it."""
+    runs = evaluation.get("runs")
+    if not isinstance(runs, list) or not runs:
+        return evaluation
+    base = next((r for r in runs if r.get("predictions") == predictions_uri), runs[0])
+    return {**base, "seeds": evaluation.get("seeds"), "seed_runs": len(runs)}
+
+
+def _subjects_section(views: list[_ModelView]) -> str:
+    """Per-subject (3-D) Dice/IoU and detection, for evaluations that have them."""
+    rows = []
+    for view in views:
+        summary = _get(view.evaluation, ("subjects", "summary"))
+        if not isinstance(summary, dict):
+            continue
+        d = summary.get("detection") or {}
+        counts = "/".join(_fmt(d.get(k), "g") for k in ("tp", "fp", "fn", "tn"))
+        rows.append(
+            f"<tr><td>{_e(view.label)}</td><td>{_fmt(summary.get('subjects'), 'g')}</td>"
+            f"<td>{_fmt(summary.get('subjects_with_tumour'), 'g')}</td>"
+            f"<td>{_e(_mean_sd(summary.get('dice')))}</td><td>{_fmt(_get(summary, ('dice', 'median')))}</td>"
+            f"<td>{_e(_mean_sd(summary.get('iou')))}</td><td>{_fmt(_get(summary, ('iou', 'median')))}</td>"
+            f"<td>{counts}</td><td>{_fmt(d.get('sensitivity'))}</td><td>{_fmt(d.get('specificity'))}</td>"
+            f"<td>{_fmt(_get(view.evaluation, ('subjects', 'threshold')), '.2f')}</td></tr>"
+        )
+    if not rows:
+        return ""
+    return "\n".join(
+        [
+            "<h2>Per subject (volumes)</h2>",
+            "<p>Each subject's slices restacked in slice order; predicted tumour voxels are the pixels with "
+            "map ≥ the Dice τ on slices the model classifies as tumour (slices classified healthy add none, so "
+            "false positives on healthy slices count). Dice and IoU per subject, pixels pooled over its slices; "
+            "mean ± sd (sample sd) and median over the subjects with ground-truth tumour (a subject without "
+            "tumour has no Dice and counts in detection only). Detection: any predicted voxel against any "
+            "ground-truth tumour voxel, over subjects.</p>",
+            "<table class='small'><tr><th>model</th><th>subjects</th><th>with tumour</th><th>Dice mean ± sd</th>"
+            "<th>Dice median</th><th>IoU mean ± sd</th><th>IoU median</th><th>TP/FP/FN/TN</th>"
+            "<th>sensitivity</th><th>specificity</th><th>τ</th></tr>",
+            *rows,
+            "</table>",
+        ]
+    )
 
 
 def _thresholds_table(views: list[_ModelView]) -> str:
@@ -486,6 +548,7 @@ def write_report(run_uri: str) -> str:
     sections += [
         "<h3>Thresholds</h3>",
         _thresholds_table(views),
+        _subjects_section(views),
         "<h2>Threshold curves</h2>",
         f"<p>Left: share of box rows whose best box at τ has IoU ≥ {BOX_IOU:g} with a ground-truth box "
         "(largest contour; its maximum is MaxBoxAcc). Right: pixel precision against recall over τ on the "

@@ -261,11 +261,12 @@ def localize_task(run_uri: str, data_uri: str, label: str, model: str) -> str:
 @task(name="evaluate", task_run_name="evaluate-{label}", **_TASK)
 def evaluate_task(run_uri: str, data_uri: str, label: str, predictions: str) -> str:
     """Every metric on test (thresholds chosen on fullsup val rows) into ``<run>/evaluation/<label>.json``."""
-    from acol_core.evaluate import evaluate_predictions
+    from acol_core.evaluate import evaluate_predictions, subjects_csv_uri, write_subjects_csv
     from acol_core.storage import write_bytes
 
     report = evaluate_predictions(predictions, data_uri, split="test")
     target = evaluation_uri(run_uri, label)
+    write_subjects_csv(report, subjects_csv_uri(target), required=False)  # volumes only
     write_bytes(target, (json.dumps(report, indent=2) + "\n").encode())
     pxap = report.get("localization", {}).get("overall", {}).get("pxap")  # absent without mask rows
     shown = "-" if pxap is None else f"{pxap:.3f}"

@@ -19,7 +19,7 @@ from acol_core.config import TrainConfig
 from acol_core.data.prepare import prepare_dataset
 from acol_core.data.shards import open_dataset
 from acol_core.data.transforms import table_to_arrays
-from acol_core.evaluate import evaluate_predictions
+from acol_core.evaluate import evaluate_predictions, evaluate_runs
 from acol_core.export import export_model
 from acol_core.jobs.localize_job import localize_plain
 from acol_core.localize import boxes_from_mask
@@ -66,6 +66,7 @@ def _hand_predictions(
     cam: MapFn = lambda obj: obj,
     cam_gt: MapFn | None = None,
     pred: Callable[[int], int] = lambda label: label,
+    model: str = "hand",
 ) -> str:
     """A predictions folder whose maps are functions of each row's ground-truth object mask."""
     rows = []
@@ -94,7 +95,7 @@ def _hand_predictions(
     write_predictions(
         [table],
         out,
-        model="hand",
+        model=model,
         checkpoint="-",
         data=data,
         splits=list(splits),
@@ -258,6 +259,12 @@ def test_cli_evaluate(phantom: str, tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["localization"]["overall"]["pxap"] == 1.0
     assert json.loads((tmp_path / "m.json").read_text()) == report
+    # The phantom's subjects have several slices: their CSV lands next to the JSON, and the JSON says where.
+    csv_lines = (tmp_path / "m.subjects.csv").read_text().splitlines()
+    assert report["subjects"]["csv"] == str(tmp_path / "m.subjects.csv")
+    assert len(csv_lines) == 1 + report["subjects"]["summary"]["subjects"] and csv_lines[0].startswith(
+        "subject_id"
+    )
     (tmp_path / "empty").mkdir()
     for args, message in (
         (["--predictions", str(tmp_path / "empty"), "--data", phantom], SUCCESS_NAME),
@@ -267,3 +274,168 @@ def test_cli_evaluate(phantom: str, tmp_path: Path) -> None:
         assert failed.exit_code == 2
         lines = failed.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("acol evaluate: error:") and message in lines[0]
+
+
+@pytest.fixture(scope="module")
+def cohort_b(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A second cohort: other subjects (another seed) under the same image ids."""
+    uri = str(tmp_path_factory.mktemp("cohort_b") / "data")
+    prepare_dataset("phantom", uri, **{**PHANTOM, "seed": 1})
+    return uri
+
+
+def test_thresholds_from_another_dataset(phantom: str, cohort_b: str, tmp_path: Path) -> None:
+    """Val maps of cohort A separate at τ = 0.30; cohort B's test maps need τ > 0.35: A's choice applies."""
+    val_a = _hand_predictions(
+        phantom, str(tmp_path / "val"), ("val",), cam=lambda obj: np.where(obj > 0, 0.6, 0.3)
+    )
+    test_b = _hand_predictions(
+        cohort_b, str(tmp_path / "b"), ("test",), cam=lambda obj: np.where(obj > 0, 1.0, 0.35)
+    )
+    report = evaluate_predictions(test_b, cohort_b, val_predictions=val_a, val_data=phantom)
+    thresholds = report["thresholds"]
+    assert (
+        thresholds["source"] == val_a and thresholds["val_data"] == phantom and thresholds["external"] is True
+    )
+    assert thresholds["fullsup_val_rows"] == 8 and thresholds["dice"] == pytest.approx(0.30)
+    overall = report["localization"]["overall"]
+    assert (
+        overall["pixel_rows"] > 0
+        and overall["dice_iou"]["dice"] < 0.5
+        and overall["best_dice"]["dice"] == 1.0
+    )
+    # Same image ids in both cohorts: without --val-data, A's maps are never joined to B's masks.
+    with pytest.raises(PredictionsError, match="name their dataset with --val-data"):
+        evaluate_predictions(test_b, cohort_b, val_predictions=val_a)
+    with pytest.raises(PredictionsError, match="give --val-predictions too"):
+        evaluate_predictions(test_b, cohort_b, val_data=phantom)
+    own = evaluate_predictions(val_a, phantom, split="val")
+    assert own["thresholds"]["external"] is False and own["thresholds"]["val_data"] == phantom
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--predictions",
+            test_b,
+            "--data",
+            cohort_b,
+            "--val-predictions",
+            val_a,
+            "--val-data",
+            phantom,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["thresholds"] == thresholds
+
+
+def _subject_truth(data: str) -> dict[str, dict[str, np.ndarray]]:
+    """Per test subject, its slices' masks stacked in slice order, and their labels."""
+    rows = sorted(
+        open_dataset(data).read_table("test").to_pylist(), key=lambda r: (r["subject_id"], r["slice_index"])
+    )
+    out: dict[str, dict[str, list]] = {}
+    for r in rows:
+        entry = out.setdefault(r["subject_id"], {"masks": [], "labels": []})
+        entry["masks"].append(decode_mask(r["mask"]))
+        entry["labels"].append(r["label"])
+    return {k: {"masks": np.stack(v["masks"]), "labels": np.array(v["labels"])} for k, v in out.items()}
+
+
+@pytest.mark.parametrize("case", ["perfect", "all_on"])
+def test_per_subject_volume_metrics(phantom: str, tmp_path: Path, case: str) -> None:
+    """perfect: maps = object masks, classes right -> Dice 1 per subject with tumour. all_on: every slice
+    predicted tumour with a map of ones -> every scored voxel predicted: Dice = 2·G / (G + S) per subject
+    (G tumour voxels, S non-ignored voxels of all its slices), every subject detected."""
+    if case == "perfect":
+        pred = _hand_predictions(phantom, str(tmp_path / "p"))
+    else:
+        pred = _hand_predictions(phantom, str(tmp_path / "p"), cam=np.ones_like, pred=lambda label: 1)
+    subjects = evaluate_predictions(pred, phantom)["subjects"]
+    truth = _subject_truth(phantom)
+    assert subjects["positive_class"] == "tumour" and [
+        s["subject_id"] for s in subjects["per_subject"]
+    ] == sorted(truth)
+    for s in subjects["per_subject"]:
+        masks = truth[s["subject_id"]]["masks"]
+        g, scored = int((masks == 1).sum()), int((masks != 255).sum())
+        assert s["slices"] == len(masks) and s["gt_voxels"] == g and s["gt_tumour"] == (g > 0)
+        if case == "perfect":
+            assert s["pred_voxels"] == g and (s["dice"] == 1.0 if g else s["dice"] is None)
+        else:
+            assert s["pred_voxels"] == scored and s["pred_tumour"]
+            assert s["dice"] == (pytest.approx(2 * g / (g + scored)) if g else None)
+    summary = subjects["summary"]
+    with_tumour = sum(1 for v in truth.values() if (v["masks"] == 1).any())
+    assert summary["subjects"] == len(truth) and summary["subjects_with_tumour"] == with_tumour
+    detection = summary["detection"]
+    assert detection["tp"] == with_tumour and detection["fn"] == 0
+    if case == "perfect":
+        assert summary["dice"]["mean"] == 1.0 and summary["dice"]["median"] == 1.0
+        assert detection["fp"] == 0 and detection["tn"] == len(truth) - with_tumour
+    else:
+        assert detection["tn"] == 0 and detection["fp"] == len(truth) - with_tumour
+
+
+def _noisy(k: int) -> MapFn:
+    """Seed k's maps: the object at 0.5 plus noise of seed k, so that PxAP differs between seeds."""
+    return lambda obj: np.clip(0.5 * obj + 0.7 * np.random.default_rng(k).random(obj.shape), 0, 1)
+
+
+def test_seed_summary_and_paired_comparison(phantom: str, tmp_path: Path) -> None:
+    seeds = [_hand_predictions(phantom, str(tmp_path / f"s{k}"), cam=_noisy(k)) for k in range(3)]
+    poor = _hand_predictions(
+        phantom, str(tmp_path / "poor"), cam=lambda obj: np.random.default_rng(9).random(obj.shape)
+    )
+    report = evaluate_runs(seeds, phantom, compare_to=[poor], n_boot=300, seed=0)
+    assert report["predictions"] == seeds and len(report["runs"]) == 3
+    singles = [evaluate_predictions(uri, phantom) for uri in seeds]
+    assert report["runs"] == singles
+    values = [r["localization"]["overall"]["pxap"] for r in singles]
+    assert len(set(values)) == 3
+    pxap_stats = report["seeds"]["localization.overall.pxap"]
+    assert pxap_stats["n"] == 3 and pxap_stats["mean"] == pytest.approx(np.mean(values))
+    assert pxap_stats["sd"] == pytest.approx(np.std(values, ddof=1))
+    assert report["seeds"]["subjects.dice.mean"]["n"] == 3  # the per-subject summary is summarised too
+    poor_pxap = evaluate_predictions(poor, phantom)["localization"]["overall"]["pxap"]
+    assert [c["b"] for c in report["comparison"]] == [poor] * 3 and [
+        c["a"] for c in report["comparison"]
+    ] == seeds
+    for comparison, value in zip(report["comparison"], values, strict=True):
+        assert comparison["diff"] == pytest.approx(value - poor_pxap, abs=1e-9)
+        assert comparison["low"] <= comparison["diff"] <= comparison["high"] and comparison["n_boot"] == 300
+    # One run with --compare-to: its own report plus the comparison.
+    one = evaluate_runs(seeds[:1], phantom, compare_to=[poor], n_boot=50)
+    assert one["localization"] == singles[0]["localization"] and len(one["comparison"]) == 1
+
+
+def test_seed_refusals_and_cli(phantom: str, cohort_b: str, tmp_path: Path) -> None:
+    seeds = [_hand_predictions(phantom, str(tmp_path / f"s{k}"), cam=_noisy(k)) for k in range(2)]
+    other_model = _hand_predictions(phantom, str(tmp_path / "other"), model="cam")
+    other_data = _hand_predictions(cohort_b, str(tmp_path / "b"))
+    for uris, message in (
+        ([*seeds, other_model], "their model differ"),
+        ([seeds[0], other_data], "their data differ"),
+        ([seeds[0], seeds[0]], "listed twice"),
+    ):
+        with pytest.raises(PredictionsError, match=message):
+            evaluate_runs(uris, phantom)
+    with pytest.raises(PredictionsError, match="--compare-to takes 1 or 2"):
+        evaluate_runs(seeds, phantom, compare_to=[other_model] * 3)
+    failed = CliRunner().invoke(
+        app, ["evaluate", "--predictions", f"{seeds[0]},{other_model}", "--data", phantom]
+    )
+    lines = failed.stderr.strip().splitlines()
+    assert failed.exit_code == 2 and len(lines) == 1 and "seeds of one model" in lines[0]
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--predictions", ",".join(seeds), "--data", phantom, "--compare-to", other_model,
+         "--n-boot", "100", "--output", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["seeds"]["localization.overall.pxap"]["n"] == 2 and len(report["comparison"]) == 2
+    csv_lines = (tmp_path / "m.subjects.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("predictions,subject_id") and csv_lines[1].startswith(seeds[0])
+    assert json.loads(out.read_text()) == report

@@ -83,6 +83,11 @@ def _assert_complete_run(run_uri: str, labels: list[str]) -> dict:
         assert evaluation["split"] == "test" and evaluation["rows"] > 0
         assert 0.0 <= evaluation["localization"]["overall"]["pxap"] <= 1.0
         assert evaluation["thresholds"]["fullsup_val_rows"] > 0  # thresholds chosen on fullsup val rows
+        # The phantom's subjects are volumes: their per-subject CSV lies beside the JSON.
+        csv_uri = f"{run_uri}/evaluation/{label}.subjects.csv"
+        assert evaluation["subjects"]["csv"] == csv_uri and Path(csv_uri).read_text().startswith(
+            "subject_id,"
+        )
         assert entry.epochs == 1 and entry.backbone == "tiny" and entry.source == "train"
     page = (Path(run_uri) / "report" / "index.html").read_text()
     assert all(f"<td>{label}</td>" in page for label in labels) and "centre-gaussian" in page

@@ -305,3 +305,37 @@ def test_ensure_chromium_is_idempotent() -> None:
     for _ in range(2):  # chromium is there (the render test needs it): nothing to do, nothing said
         done = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
         assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+def test_per_subject_summary_and_seed_statistics(run: str, page: Path, tmp_path: Path) -> None:
+    """The phantom's subjects have 4 slices: the page shows their summary. A run whose evaluation holds
+    two seeds (the same predictions under two folders: sd 0) shows mean ± sd in the metrics table."""
+    import shutil
+
+    from acol_core.evaluate import evaluate_runs
+    from acol_core.runs import read_run
+
+    text = page.read_text()
+    assert "<h2>Per subject (volumes)</h2>" in text
+    for label in MODELS:
+        summary = _evaluation(run, label)["subjects"]["summary"]
+        row = re.findall(rf"<tr><td>{label}</td>.*?</tr>", text)[2]  # metrics, thresholds, subjects
+        cells = re.findall(r"<td[^>]*>([^<]*)</td>", row)
+        d = summary["detection"]
+        assert cells[1] == str(summary["subjects"]) and cells[4] == f"{summary['dice']['median']:.3f}"
+        assert cells[7] == f"{d['tp']}/{d['fp']}/{d['fn']}/{d['tn']}"
+    record = read_run(run)
+    entry = record.models["acol"]
+    copy = str(tmp_path / "pred-copy")
+    shutil.copytree(entry.predictions_uri, copy)
+    seeds = evaluate_runs([entry.predictions_uri, copy], record.data_uri, split="test")
+    seeded = str(tmp_path / "seeds.json")
+    Path(seeded).write_text(json.dumps(seeds))
+    record.models = {"acol": ModelEntry(**{**entry.__dict__, "evaluation_uri": seeded})}
+    record.sweep_uri = None
+    other = str(tmp_path / "run")
+    write_run(other, record)
+    seeded_page = Path(write_report(other)).read_text()
+    pxap_stats = seeds["seeds"]["localization.overall.pxap"]
+    assert pxap_stats["n"] == 2 and pxap_stats["sd"] == 0.0
+    assert f"title='mean ± sd over 2 seeds'>{pxap_stats['mean']:.3f} ± 0.000</span>" in seeded_page
