@@ -63,6 +63,7 @@ from acol_core.stats import paired_bootstrap_histograms, pixel_histograms, summa
 from acol_core.subjects import subject_metrics, subjects_csv, summarize_subjects
 
 __all__ = [
+    "object_histograms",
     "evaluate_predictions",
     "evaluate_runs",
     "localization_report",
@@ -423,6 +424,20 @@ def _check_one_recipe(pred_uris: Sequence[str]) -> None:
 def _pixel_hist(rows: _Rows, step: float) -> tuple[np.ndarray, np.ndarray]:
     sub = rows.take(rows.pixel_rows())
     return pixel_histograms(sub.maps, sub.masks, step)
+
+
+def object_histograms(
+    pred_uri: str, data_uri: str, split: str = "test", step: float = 0.01
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image pixel histograms (``acol_core.stats.pixel_histograms``) of the GT class's maps on the
+    object rows of ``split``, in the dataset's row order: what paired PxAP comparisons resample."""
+    from acol_core.data.shards import open_dataset
+
+    read_success(pred_uri)
+    rows = _join(pred_uri, open_dataset(data_uri, verify=False), split, required=True)
+    if rows is None:
+        raise PredictionsError(f"split {split!r} of {data_uri} has no rows")
+    return _pixel_hist(rows, step)
 
 
 def evaluate_runs(

@@ -245,9 +245,11 @@ def parse_study(data: Any, source: str = "<study>") -> StudyConfig:
         name=name, seeds=list(seeds), presets=presets, models=models, train=train,
         baseline=baseline, description=str(data.get("description") or ""), workers=workers,
     )  # fmt: skip
-    for cell in config.cells()[: len(models)]:
-        try:
-            config.train_config(cell)  # every model's options and the shared train fields, up front
+    from acol_core.models import check_model_options
+
+    for cell in config.cells()[:: len(config.seeds)][: len(models)]:
+        try:  # every model's options and the shared train fields, before any work
+            check_model_options(cell.model, config.train_config(cell).model_options)
         except (ConfigError, TypeError, ValueError) as exc:
             raise _fail(f"{source}: models/{cell.label}", str(exc)) from None
     return config
@@ -323,8 +325,9 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             lines += ["", f"Seeds finished per model: {json.dumps(seeds_done)}"]
     lines += [
         "",
-        "ΔPxAP: mean over seeds of the per-seed PxAP difference on the same test rows; the interval is a "
-        "paired bootstrap over (seed, image) pairs.",
+        "ΔPxAP: PxAP of the model's maps minus the baseline's on the same test images, the seeds pooled "
+        "(seed s of one paired with seed s of the other); 95 % interval: paired bootstrap over "
+        "(seed, image) pairs.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -343,17 +346,19 @@ def aggregate(config: StudyConfig, storage: str, n_boot: int = 2000) -> dict[str
 
     Per preset and label: each seed's metrics, their mean ± sd (``acol_core.stats.summarize_seeds``),
     and, against the baseline, the paired PxAP difference on the test rows with a 95 % bootstrap
-    interval over (seed, image) pairs (seeds where both cells finished).
+    interval (``acol_core.stats.paired_bootstrap_histograms``) over (seed, image) pairs, using the seeds
+    where both cells finished.
     """
-    from acol_core.evaluate import object_maps
-    from acol_core.stats import paired_bootstrap_pxap, summarize_seeds
+    import numpy as np
+
+    from acol_core.evaluate import object_histograms
+    from acol_core.stats import paired_bootstrap_histograms, summarize_seeds
     from acol_core.storage import exists, read_bytes
 
     presets: dict[str, Any] = {}
     for preset in config.presets:
         data = config.data_uri(storage, preset)
         block: dict[str, Any] = {"data": data, "models": {}}
-        maps_of: dict[tuple[str, int], Any] = {}
         for m in config.models:
             seeds: dict[str, Any] = {}
             for seed in config.seeds:
@@ -367,30 +372,31 @@ def aggregate(config: StudyConfig, storage: str, n_boot: int = 2000) -> dict[str
                 "seeds": seeds,
                 "summary": summarize_seeds(list(seeds.values())),
             }
-        if config.baseline:
-            for m in config.models:
-                if m["label"] == config.baseline:
-                    continue
-                a_maps, b_maps, masks = [], [], []
-                for seed in config.seeds:
-                    pair = []
-                    for label in (m["label"], config.baseline):
-                        if str(seed) not in block["models"][label]["seeds"]:
-                            break
-                        key = (label, seed)
-                        if key not in maps_of:
-                            cell = StudyCell(preset, label, "", {}, seed)
-                            maps_of[key] = object_maps(
-                                join(config.cell_uri(storage, cell), "predictions"), data, "test"
-                            )
-                        pair.append(maps_of[key])
-                    if len(pair) == 2:
-                        a_maps += pair[0]["maps"]
-                        b_maps += pair[1]["maps"]
-                        masks += pair[0]["masks"]
-                if masks:
-                    paired = paired_bootstrap_pxap(a_maps, b_maps, masks, n_boot=n_boot, seed=0)
-                    block["models"][m["label"]]["paired_pxap"] = paired
+        hists: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+        def hist(label: str, seed: int, preset: str = preset, data: str = data, hists: dict = hists) -> Any:
+            if (label, seed) not in hists:
+                cell = StudyCell(preset, label, "", {}, seed)
+                predictions = join(config.cell_uri(storage, cell), "predictions")
+                hists[(label, seed)] = object_histograms(predictions, data, "test")
+            return hists[(label, seed)]
+
+        baseline = config.baseline
+        for m in config.models if baseline else []:
+            label = m["label"]
+            both = [
+                s
+                for s in config.seeds
+                if label != baseline
+                and str(s) in block["models"][label]["seeds"]
+                and str(s) in block["models"][baseline]["seeds"]
+            ]
+            if not both or hist(label, both[0])[0].shape[0] == 0:
+                continue
+            a = tuple(np.concatenate([hist(label, s)[k] for s in both]) for k in (0, 1))
+            b = tuple(np.concatenate([hist(baseline, s)[k] for s in both]) for k in (0, 1))
+            paired = paired_bootstrap_histograms(a, b, n_boot=n_boot, seed=0)
+            block["models"][label]["paired_pxap"] = {**paired, "seeds": both}
         presets[preset] = block
     return {
         "name": config.name,

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real local S3 (moto server) for the tests that read and write s3:// URIs."""
+"""Shared fixtures: a real local S3 (moto server) for the tests that read and write s3:// URIs, and a
+local Ray per test module."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,3 +106,30 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_server: str) -> Iterator[None]:
+    """A local 2-CPU Ray for one test module, started after the S3 environment (its workers inherit it).
+
+    Module scope on purpose: modules that start their own Ray head or fault-inject expect a fresh
+    cluster. Token auth stays on (the session's token, ``pytest_configure``); the temp dir is short
+    because Ray's socket paths must stay under 107 characters.
+    """
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="acr", dir="/tmp")
+    env = pytest.MonkeyPatch()
+    env.delenv("RAY_AUTH_MODE", raising=False)
+    env.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False
+        )
+        yield
+    finally:
+        ray.shutdown()
+        env.undo()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pyarrow as pa
 import pytest
+from ray_local import with_timeout
 from typer.testing import CliRunner
 
 from acol_core import storage
@@ -71,25 +70,6 @@ PHANTOM = {
 }
 
 
-def _with_timeout(fn: Callable[[], Any], seconds: float = RUN_TIMEOUT_S) -> Any:
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"Ray step did not finish within {seconds:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def train_tiny_model(data_uri: str, model_uri: str) -> str:
     """One epoch of ACoL on the train rows, exported (seconds on a CPU)."""
     config = TrainConfig(model="acol", image_size=32, epochs=1, batch_size=8, augment=False)
@@ -97,6 +77,10 @@ def train_tiny_model(data_uri: str, model_uri: str) -> str:
     arrays = table_to_arrays(dataset.read_table("train"), 1, 32, with_masks=False)
     result = fit(config, lambda epoch: iterate_minibatches(arrays, 8, np.random.default_rng(epoch), False))
     return export_model(result.model, config, dataset.class_names, model_uri)
+
+
+def _with_timeout(fn: Callable[[], Any], seconds: float = RUN_TIMEOUT_S) -> Any:
+    return with_timeout(fn, seconds)
 
 
 @pytest.fixture(scope="module")
@@ -109,26 +93,6 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def model_uri(phantom: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     return train_tiny_model(phantom, str(tmp_path_factory.mktemp("model") / "model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def local_ray(s3_server: str) -> Iterator[None]:
-    """A local 2-CPU Ray for this module, token auth on with a token of our own, in a short temp dir."""
-    temp_dir = tempfile.mkdtemp(prefix="alz", dir="/tmp")
-    env = pytest.MonkeyPatch()
-    env.delenv("RAY_AUTH_MODE", raising=False)
-    env.delenv("RAY_ADDRESS", raising=False)
-    if ray.is_initialized():
-        ray.shutdown()
-    try:
-        ray.init(
-            address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False
-        )
-        yield
-    finally:
-        ray.shutdown()
-        env.undo()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _test_rows(data_uri: str, split: str = "test") -> list[dict]:

@@ -8,16 +8,14 @@ Every Ray step runs under a timeout, so a hang fails the test instead of blockin
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from ray_local import with_timeout
 from typer.testing import CliRunner
 
 from acol_core.cli import app
@@ -45,26 +43,6 @@ RUN_TIMEOUT_S = 240.0
 PHANTOM = {"num_subjects": 6, "slices_per_subject": 8, "size": 32, "rows_per_shard": 16}
 
 
-def _with_timeout(fn: Callable[[], Any], seconds: float = RUN_TIMEOUT_S) -> Any:
-    """Run ``fn`` in a thread; fail (not hang) when it takes longer than ``seconds``."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"Ray step did not finish within {seconds:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def _config(**changes: Any) -> TrainConfig:
     # augment off: the data pipeline is then deterministic (see the fault test), the loop otherwise is not.
     base = TrainConfig(
@@ -80,26 +58,8 @@ def _config(**changes: Any) -> TrainConfig:
     return base.replace(**changes)
 
 
-@pytest.fixture(scope="module")
-def local_ray(s3_server: str) -> Iterator[None]:
-    """A local Ray for this module, in its own short temp dir (socket paths must stay < 107 chars)."""
-    temp_dir = tempfile.mkdtemp(prefix="acr", dir="/tmp")
-    env = pytest.MonkeyPatch()
-    # Token auth stays on (ray.init's default for a new local Ray; it sets RAY_AUTH_MODE itself, and only
-    # then re-reads its config), with the test session's token (conftest.py: one per process).
-    env.delenv("RAY_AUTH_MODE", raising=False)
-    env.delenv("RAY_ADDRESS", raising=False)
-    if ray.is_initialized():
-        ray.shutdown()
-    try:
-        ray.init(
-            address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False
-        )
-        yield
-    finally:
-        ray.shutdown()
-        env.undo()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def _with_timeout(fn: Callable[[], Any], seconds: float = RUN_TIMEOUT_S) -> Any:
+    return with_timeout(fn, seconds)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from .erase import FUSIONS, erase_features, erase_mask, fuse_maps, fuse_max, nor
 from .heads import AcolModel, CamModel, ClassMapHead, WsolModel, multi_hot_targets
 from .pretrained import adapt_first_conv, load_pretrained
 from .registry import (
+    check_model_options,
     create_backbone,
     create_model,
     list_backbones,
@@ -37,6 +38,7 @@ from .registry import (
 )
 
 __all__ = [
+    "check_model_options",
     "PAIR_POLICIES",
     "AcolCoattModel",
     "AcolModel",

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .heads import WsolModel
 
 __all__ = [
+    "check_model_options",
     "create_backbone",
     "create_model",
     "list_backbones",
@@ -114,6 +115,11 @@ def create_model(
         **options,
     }
     return model
+
+
+def check_model_options(name: str, options: dict[str, Any]) -> None:
+    """Raise as ``create_model`` would for an unknown model or option, without building anything."""
+    _check_options(name, _lookup(_MODELS, "model", name), options)
 
 
 def _register(table: dict[str, Any], kind: str, name: str) -> Callable[[_F], _F]:

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import typer
+from ray_local import with_timeout
 
 from acol_core import storage
 from acol_core.cli import clear_errors
@@ -53,41 +51,7 @@ PHANTOM = {
 
 
 def _with_timeout(fn: Callable[[], Any], seconds: float = TIMEOUT_S) -> Any:
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"Ray step did not finish within {seconds:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-@pytest.fixture(scope="module")
-def local_ray(s3_server: str) -> Iterator[None]:
-    temp_dir = tempfile.mkdtemp(prefix="arf", dir="/tmp")  # Ray's socket paths must stay < 107 characters
-    env = pytest.MonkeyPatch()
-    env.delenv("RAY_AUTH_MODE", raising=False)
-    env.delenv("RAY_ADDRESS", raising=False)
-    if ray.is_initialized():
-        ray.shutdown()
-    try:
-        ray.init(
-            address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False
-        )
-        yield
-    finally:
-        ray.shutdown()
-        env.undo()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    return with_timeout(fn, seconds)
 
 
 @pytest.fixture(scope="module")
