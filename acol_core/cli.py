@@ -96,12 +96,12 @@ def prepare(
         None, help="put EVERY subject in this split (train, val or test), e.g. test for an external cohort"
     ),
     split_fractions: str | None = typer.Option(
-        None, help="train,val,test shares of the subjects, e.g. 0.8,0.1,0.1 [default: 0.7,0.15,0.15]"
+        None, help="train,val,test shares of the subjects, e.g. 0.8,0.1,0.1 (default 0.7,0.15,0.15)"
     ),
     fullsup_per_class: int | None = typer.Option(
         None,
-        help="val rows per class whose ground truth may be used "
-        "[default: max(10, ceil(0.1 × the class's val rows with ground truth))]",
+        help="val rows per class whose ground truth may be used (default: scales with the val split, "
+        "max(10, ceil(0.1 × n)) for a class's n val rows with ground truth)",
     ),
     rows_per_shard: int = typer.Option(256),
     option: list[str] = typer.Option([], "--option", "-o", help="source option key=value (repeatable)"),
