@@ -82,29 +82,52 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-@app.command(epilog="Example: acol prepare --source phantom --output runs/data --option num_subjects=20")
+@app.command(
+    epilog="Examples: acol prepare --source phantom --output runs/data --option num_subjects=20\n\n"
+    "acol prepare --source nifti --input site-b/ --output runs/site-b --split test   # external cohort"
+)
 @clear_errors
 def prepare(
     source: str = typer.Option("phantom", help="phantom, imagefolder, wsol-metadata or nifti"),
     output: str = typer.Option(..., help="dataset URI to write (local path or s3://)"),
     input: str | None = typer.Option(None, "--input", help="source URI (not for phantom)"),
     seed: int = typer.Option(0, help="split seed"),
-    fullsup_per_class: int = typer.Option(5, help="val rows per class whose ground truth may be used"),
+    split: str | None = typer.Option(
+        None, help="put EVERY subject in this split (train, val or test), e.g. test for an external cohort"
+    ),
+    split_fractions: str | None = typer.Option(
+        None, help="train,val,test shares of the subjects, e.g. 0.8,0.1,0.1 (default 0.7,0.15,0.15)"
+    ),
+    fullsup_per_class: int | None = typer.Option(
+        None,
+        help="val rows per class whose ground truth may be used (default: scales with the val split, "
+        "max(10, ceil(0.1 × n)) for a class's n val rows with ground truth)",
+    ),
     rows_per_shard: int = typer.Option(256),
     option: list[str] = typer.Option([], "--option", "-o", help="source option key=value (repeatable)"),
 ) -> None:
-    """Read a source and write the Parquet dataset (shards, then _manifest.json last)."""
-    from acol_core.data.prepare import prepare_dataset
+    """Read a source and write the Parquet dataset (shards, then _manifest.json last).
 
+    Subjects are split 70/15/15 by default; --split-fractions sets other shares, --split puts every
+    subject in one split. The manifest records the choice under preparation.split_policy.
+    """
+    from acol_core.data.prepare import prepare_dataset
+    from acol_core.data.splits import parse_fractions
+
+    if split is not None and split_fractions is not None:
+        raise ValueError("--split and --split-fractions are mutually exclusive")
+    fractions = parse_fractions(split_fractions) if split_fractions is not None else None
     with _progress("prepare") as progress:
         manifest = prepare_dataset(
             source,
             output,
             input_uri=input,
             seed=seed,
+            split_fractions=fractions,
             fullsup_per_class=fullsup_per_class,
             rows_per_shard=rows_per_shard,
             progress=progress,
+            split=split,
             **_parse_options(option),
         )
     summary = {"output": output, "accepted": manifest.accepted, "rejected": manifest.rejected}

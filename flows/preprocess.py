@@ -3,6 +3,7 @@
 Locally, no server (Prefect starts a temporary API in-process), from the repository root::
 
     .venv/bin/python -m flows.preprocess --output runs/data/phantom -o num_subjects=8 -o size=64
+    .venv/bin/python -m flows.preprocess --source nifti --input site-b/ --output runs/site-b --split test
 
 With a Prefect server, a ``process`` work pool and a worker (deployments in ``flows/prefect.yaml``)::
 
@@ -41,6 +42,7 @@ from prefect.tasks import exponential_backoff
 
 from acol_core.data import prepare
 from acol_core.data.shards import Manifest
+from acol_core.data.splits import parse_fractions
 
 __all__ = ["preprocess", "summarize"]
 
@@ -55,9 +57,11 @@ def plan_task(
     output_uri: str,
     input_uri: str | None,
     seed: int,
-    fullsup_per_class: int,
+    fullsup_per_class: int | None,
     rows_per_shard: int,
     source_options: dict[str, Any],
+    split: str | None = None,
+    split_fractions: list[float] | None = None,
 ) -> dict[str, Any]:
     """List and split the inputs; the plan travels to the shard tasks as a plain dict."""
     plan = prepare.plan_dataset(
@@ -65,8 +69,10 @@ def plan_task(
         output_uri,
         input_uri,
         seed,
+        split_fractions=split_fractions,
         fullsup_per_class=fullsup_per_class,
         rows_per_shard=rows_per_shard,
+        split=split,
         **source_options,
     )
     get_run_logger().info("%s: %d inputs in %d shards", source, plan.num_inputs, plan.num_shards)
@@ -120,9 +126,11 @@ def preprocess(
     output_uri: str = "runs/data/phantom",
     input_uri: str | None = None,
     seed: int = 0,
-    fullsup_per_class: int = 5,
+    fullsup_per_class: int | None = None,
     rows_per_shard: int = 256,
     source_options: dict[str, Any] | None = None,
+    split: str | None = None,
+    split_fractions: list[float] | None = None,
 ) -> dict[str, Any]:
     """Prepare a dataset from a named source (see ``acol_core.data.prepare.prepare_dataset``).
 
@@ -131,15 +139,27 @@ def preprocess(
         output_uri: dataset folder (path, file:// or s3://); rewritten if it exists.
         input_uri: the source's input folder (not for the phantom).
         seed: drives the split, the fullsup pick and the phantom.
-        fullsup_per_class: val rows per class whose ground truth may be used for model selection.
+        fullsup_per_class: val rows per class whose ground truth may be used for model selection;
+            None (default) scales with the val split: ``max(10, ceil(0.1 × n))`` per class.
         rows_per_shard: rows per Parquet shard.
         source_options: the source's own options, e.g. ``{"num_subjects": 8, "size": 64}``.
+        split: every subject into this one split (``"test"``: an external cohort); excludes
+            ``split_fractions``.
+        split_fractions: train/val/test shares of the subjects (default 0.7/0.15/0.15).
 
     Returns:
         output URI, inputs, accepted, rejected, rows, shards, rows per split, fullsup rows.
     """
     plan = plan_task(
-        source, output_uri, input_uri, seed, fullsup_per_class, rows_per_shard, dict(source_options or {})
+        source,
+        output_uri,
+        input_uri,
+        seed,
+        fullsup_per_class,
+        rows_per_shard,
+        dict(source_options or {}),
+        split=split,
+        split_fractions=None if split_fractions is None else list(split_fractions),
     )
     start_task(plan)
     futures = [shard_task.submit(plan, k) for k in range(len(plan["shards"]))]
@@ -153,10 +173,18 @@ def _main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="runs/data/phantom")
     parser.add_argument("--input", default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fullsup-per-class", type=int, default=5)
+    parser.add_argument("--fullsup-per-class", type=int, default=None, help="default: scales with val")
+    parser.add_argument("--split", default=None, help="every subject in this split (e.g. test)")
+    parser.add_argument("--split-fractions", default=None, help="train,val,test shares, e.g. 0.8,0.1,0.1")
     parser.add_argument("--rows-per-shard", type=int, default=256)
     parser.add_argument("-o", "--option", action="append", default=[], help="source option key=JSON value")
     args = parser.parse_args(argv)
+    if args.split is not None and args.split_fractions is not None:
+        parser.error("--split and --split-fractions are mutually exclusive")
+    try:
+        fractions = None if args.split_fractions is None else list(parse_fractions(args.split_fractions))
+    except ValueError as exc:
+        parser.error(str(exc))
     options = {}
     for pair in args.option:
         key, sep, value = pair.partition("=")
@@ -174,6 +202,8 @@ def _main(argv: list[str] | None = None) -> None:
         fullsup_per_class=args.fullsup_per_class,
         rows_per_shard=args.rows_per_shard,
         source_options=options,
+        split=args.split,
+        split_fractions=fractions,
     )
     print(json.dumps(summary))
 

@@ -29,7 +29,8 @@ ROWS_PER_SHARD = 4  # 16 one-row inputs -> 4 shards
 FLAKY_SHARD = 2
 SHARD_RETRIES = 3  # flows.preprocess.SHARD_RETRIES (not imported: that would import Prefect here)
 
-# Runs three flows in one ephemeral API: clean, shard FLAKY_SHARD failing once, and failing every time.
+# Runs four flows in one ephemeral API: clean, shard FLAKY_SHARD failing once, failing every time, and
+# an external cohort (every subject in test).
 # run_shard is wrapped in the flow's process: the shard task calls it through the prepare module.
 _EPHEMERAL_SCRIPT = """
 import json, sys
@@ -49,14 +50,16 @@ def run_shard(plan, index, source=None):
 
 prepare.run_shard = run_shard
 report = {}
-for case in ("clean", "retry", "exhausted"):
+for case in ("clean", "retry", "exhausted", "external"):
     calls.clear()
     fail["once"] = flaky if case == "retry" else None
     fail["always"] = flaky if case == "exhausted" else None
     if case == "exhausted":  # same retries, no back-off: only the waiting is cut
         fp.shard_task = fp.shard_task.with_options(retry_delay_seconds=0)
+    # "external": every subject into test, the fullsup count left to its (scaled) default.
+    split = {"split": "test"} if case == "external" else {"fullsup_per_class": 1}
     state = fp.preprocess(output_uri=f"{root}/{case}", source_options=options,
-                          rows_per_shard=rows_per_shard, fullsup_per_class=1, return_state=True)
+                          rows_per_shard=rows_per_shard, return_state=True, **split)
     summary = state.result() if state.is_completed() else None
     report[case] = {"state": state.type.value, "summary": summary, "calls": calls.copy()}
 print("REPORT " + json.dumps(report))
@@ -133,6 +136,20 @@ def test_ephemeral_shard_failing_always_fails_the_flow(ephemeral: tuple[Path, di
     assert not (out / "exhausted" / MANIFEST_NAME).exists()  # no manifest, no dataset
     with pytest.raises(DatasetError):
         read_manifest(str(out / "exhausted"))
+
+
+def test_ephemeral_flow_takes_an_external_cohort(ephemeral: tuple[Path, dict], tmp_path: Path) -> None:
+    out, report = ephemeral
+    external = report["external"]
+    assert external["state"] == "COMPLETED"
+    assert external["summary"]["split_counts"] == {"train": 0, "val": 0, "test": 16}
+    assert external["summary"]["fullsup"] == 0  # no val rows, nothing to mark
+    manifest = read_manifest(str(out / "external"))
+    assert manifest.preparation["split_policy"] == {"mode": "single", "split": "test"}
+    same = prepare_dataset(
+        "phantom", str(tmp_path / "ref"), rows_per_shard=ROWS_PER_SHARD, split="test", **PHANTOM
+    )
+    _assert_same_dataset(str(out / "external"), same)
 
 
 # --------------------------------------------------------------------------- real server

@@ -191,6 +191,19 @@ def test_wsol_metadata_boxes_keep_their_split(tmp_path):
     assert manifest.counts["fullsup"] == 1
 
 
+def test_single_split_overrides_the_metadata_split(tmp_path):
+    images, meta = _wsol_boxes(tmp_path)
+    manifest = prepare_dataset(
+        "wsol-metadata", str(tmp_path / "out"), input_uri=str(images), metadata=str(meta), split="test"
+    )
+    assert manifest.counts["split"] == {"train": 0, "val": 0, "test": 4}  # an external test cohort
+    assert manifest.preparation["split_policy"] == {"mode": "single", "split": "test"}
+    with pytest.raises(ValueError, match="either a single split or split fractions"):
+        prepare_dataset("wsol-metadata", str(tmp_path / "x"), input_uri=str(images), split="test",
+                        split_fractions=(0.8, 0.1, 0.1))  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
 def test_wsol_metadata_openimages_masks(tmp_path):
     images = tmp_path / "OpenImages"
     _write(images / "val" / "k1" / "x.png", _png(np.zeros((4, 5, 3), np.uint8)))

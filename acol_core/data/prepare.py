@@ -3,12 +3,15 @@
 The preparation is planned first, then run shard by shard, then finished; ``prepare_dataset`` does the
 three in one process, the flow runs ``run_shard`` as one task per shard. Both give the same files.
 
-1. ``plan_dataset``: lists the source's inputs, assigns each subject a split (seeded, by subject), and
-   cuts the input list into shards. Nothing is read or written yet; the plan is a plain dict.
+1. ``plan_dataset``: lists the source's inputs, assigns each subject a split (seeded, by subject, with
+   ``split_fractions``; or every subject to the one ``split``, e.g. ``"test"`` for an external cohort),
+   and cuts the input list into shards. Nothing is read or written yet; the plan is a plain dict.
 2. ``run_shard(plan, k)``: reads shard k's inputs, writes ``part-k.parquet``, returns its rejects and
    the val rows that could serve as full supervision.
-3. ``finish_dataset(plan, results)``: picks ``fullsup`` rows (N per class among val rows with ground
-   truth), rewrites the few shards that hold them, writes ``_rejects.parquet`` and the manifest last.
+3. ``finish_dataset(plan, results)``: picks ``fullsup`` rows per class among val rows with ground truth
+   (a given N, or by default ``max(10, ceil(0.1 * n))``: ``acol_core.data.splits.fullsup_count``),
+   rewrites the few shards that hold them, writes ``_rejects.parquet`` and the manifest last. The
+   manifest's ``preparation`` records the split policy and the fullsup rule.
 
 Examples:
     >>> manifest = prepare_dataset("phantom", "/tmp/phantom", num_subjects=4, size=64)  # doctest: +SKIP
@@ -39,9 +42,17 @@ from acol_core.data.shards import (
     write_shard,
 )
 from acol_core.data.sources import DataSourceError, Source, get_source, source_option_names
-from acol_core.data.splits import assign_subject_splits, check_fractions, select_fullsup
+from acol_core.data.splits import (
+    FULLSUP_FLOOR,
+    FULLSUP_FRACTION,
+    assign_subject_splits,
+    check_fractions,
+    check_single_split,
+    select_fullsup,
+)
 
 __all__ = [
+    "DEFAULT_SPLIT_FRACTIONS",
     "PreparePlan",
     "ShardResult",
     "finish_dataset",
@@ -50,6 +61,8 @@ __all__ = [
     "run_shard",
     "start_dataset",
 ]
+
+DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 
 
 @dataclass
@@ -61,11 +74,24 @@ class PreparePlan:
     output_uri: str
     seed: int
     split_fractions: tuple[float, float, float]
-    fullsup_per_class: int
+    fullsup_per_class: int | None  # None: scales with the val rows (splits.fullsup_count)
     rows_per_shard: int
     class_names: list[str]
     source_description: dict[str, Any]
     shards: list[list[tuple[str, str, str]]]  # per shard: (input key, subject id, split)
+    split: str | None = None  # every subject in this split (an external cohort), fractions unused
+
+    def split_policy(self) -> dict[str, Any]:
+        """How subjects were split, for the manifest."""
+        if self.split is not None:
+            return {"mode": "single", "split": self.split}
+        return {"mode": "fractions", "fractions": list(self.split_fractions), "seed": self.seed}
+
+    def fullsup_policy(self) -> dict[str, Any]:
+        """How many val rows per class were marked ``fullsup``, for the manifest."""
+        if self.fullsup_per_class is not None:
+            return {"mode": "fixed", "per_class": self.fullsup_per_class}
+        return {"mode": "scaled", "floor": FULLSUP_FLOOR, "fraction": FULLSUP_FRACTION}
 
     @property
     def num_shards(self) -> int:
@@ -114,18 +140,33 @@ def _source_options(source: str, input_uri: str | None, seed: int, options: dict
     return options
 
 
+def _split_choice(
+    split: str | None, split_fractions: Sequence[float] | None
+) -> tuple[str | None, tuple[float, float, float]]:
+    """(single split or None, fractions); the two ways to split are mutually exclusive."""
+    if split is not None and split_fractions is not None:
+        raise ValueError("give either a single split or split fractions, not both")
+    if split is not None:
+        single = check_single_split(split)
+        return single, tuple(1.0 if s == single else 0.0 for s in SPLITS)  # type: ignore[return-value]
+    return None, check_fractions(DEFAULT_SPLIT_FRACTIONS if split_fractions is None else split_fractions)
+
+
 def plan_dataset(
     source: str,
     output_uri: str,
     input_uri: str | None = None,
     seed: int = 0,
-    split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
-    fullsup_per_class: int = 5,
+    split_fractions: Sequence[float] | None = None,
+    fullsup_per_class: int | None = None,
     rows_per_shard: int = 256,
+    split: str | None = None,
     **source_options: Any,
 ) -> PreparePlan:
     """List the inputs, split them by subject and cut them into shards (reads no pixels)."""
-    fractions = check_fractions(split_fractions)
+    single, fractions = _split_choice(split, split_fractions)
+    if fullsup_per_class is not None and fullsup_per_class < 0:
+        raise ValueError(f"fullsup per class must be >= 0, got {fullsup_per_class}")
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     storage.resolve(output_uri)  # refuses bad URIs (credentials in them) before any work
@@ -136,8 +177,12 @@ def plan_dataset(
     refs = src.list_inputs()
     if not refs:
         raise DataSourceError(f"source {source!r} found no inputs")
-    free = assign_subject_splits([r.subject_id for r in refs if r.split is None], fractions, seed)
-    items = [(r.key, r.subject_id, r.split or free[r.subject_id]) for r in refs]
+    if single is not None:
+        # An external cohort: every subject, even one the source would place, goes to the one split.
+        items = [(r.key, r.subject_id, single) for r in refs]
+    else:
+        free = assign_subject_splits([r.subject_id for r in refs if r.split is None], fractions, seed)
+        items = [(r.key, r.subject_id, r.split or free[r.subject_id]) for r in refs]
     per_shard = max(1, rows_per_shard // max(1, src.rows_per_input))
     return PreparePlan(
         source=source,
@@ -150,6 +195,7 @@ def plan_dataset(
         class_names=list(src.class_names),
         source_description=src.describe(),
         shards=[items[i : i + per_shard] for i in range(0, len(items), per_shard)],
+        split=single,
     )
 
 
@@ -235,7 +281,9 @@ def finish_dataset(plan: PreparePlan, results: Sequence[ShardResult]) -> Manifes
         preparation={
             "seed": plan.seed,
             "split_fractions": list(plan.split_fractions),
+            "split_policy": plan.split_policy(),
             "fullsup_per_class": plan.fullsup_per_class,
+            "fullsup_policy": plan.fullsup_policy(),
             "rows_per_shard": plan.rows_per_shard,
             "splits": list(SPLITS),
         },
@@ -247,10 +295,11 @@ def prepare_dataset(
     output_uri: str,
     input_uri: str | None = None,
     seed: int = 0,
-    split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
-    fullsup_per_class: int = 5,
+    split_fractions: Sequence[float] | None = None,
+    fullsup_per_class: int | None = None,
     rows_per_shard: int = 256,
     progress: Callable[[int, int], None] | None = None,
+    split: str | None = None,
     **source_options: Any,
 ) -> Manifest:
     """Prepare a dataset from a named source in this process.
@@ -260,8 +309,12 @@ def prepare_dataset(
         output_uri: dataset folder (path, file:// or s3://); rewritten if it exists.
         input_uri: the source's input folder (not for the phantom).
         seed: drives the split, the fullsup pick, and a generating source's randomness.
-        split_fractions: train/val/test shares of the subjects (sources with their own split keep it).
-        fullsup_per_class: val rows per class marked ``fullsup``.
+        split_fractions: train/val/test shares of the subjects (default 0.7/0.15/0.15; sources with
+            their own split keep it).
+        fullsup_per_class: val rows per class marked ``fullsup``; None scales with the val split,
+            ``max(10, ceil(0.1 * n))`` of a class's n val rows with ground truth.
+        split: put every subject in this one split (``"test"``: a held-out external cohort), overriding
+            any split the source gives; excludes ``split_fractions``.
         rows_per_shard: rows per Parquet shard (a target for sources with many rows per input).
         progress: called as ``progress(shards_done, shards_total)``.
         **source_options: the source's own options (e.g. ``num_subjects`` or ``modalities``).
@@ -274,6 +327,7 @@ def prepare_dataset(
         split_fractions,
         fullsup_per_class,
         rows_per_shard,
+        split=split,
         **source_options,
     )
     start_dataset(plan)

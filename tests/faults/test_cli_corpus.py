@@ -94,7 +94,8 @@ def _nii(path: Path, data: np.ndarray) -> Path:
 
 
 def _nifti(root: Path) -> dict[str, str]:
-    """2 good subjects; NaN voxels, a truncated volume, a segmentation of the wrong shape."""
+    """2 good subjects; NaN voxels, a truncated volume, a segmentation of the wrong shape, brain masks of
+    the wrong shape or orientation, an empty brain mask."""
     for name in ("good1", "good2"):
         _nii(root / "brats" / name / f"{name}-t1c.nii.gz", _volume())
         _nii(root / "brats" / name / f"{name}-seg.nii.gz", np.zeros(SHAPE, np.uint8))
@@ -105,7 +106,19 @@ def _nifti(root: Path) -> dict[str, str]:
     _write(root / "brats" / "cut" / "cut-t1c.nii.gz", whole[: len(whole) // 3])
     _nii(root / "brats" / "shape" / "shape-t1c.nii.gz", _volume())
     _nii(root / "brats" / "shape" / "shape-seg.nii.gz", np.zeros((12, 10, 5), np.uint8))
-    return {"nan": "NaN/Inf", "cut": "corrupt", "shape": "shape mismatch"}
+    brain = (_volume() > 0).astype(np.uint8)
+    for name, mask in (("brainshape", brain[:, :, :5]), ("brainflip", brain), ("brainempty", 0 * brain)):
+        _nii(root / "brats" / name / f"{name}-t1c.nii.gz", _volume())
+        _nii(root / "brats" / name / f"{name}-brainmask.nii.gz", mask)
+    nib.save(
+        nib.Nifti1Image(brain, np.diag([-1.0, 1, 1, 1])),
+        root / "brats" / "brainflip" / "brainflip-brainmask.nii.gz",
+    )
+    return {
+        "nan": "NaN/Inf", "cut": "corrupt", "shape": "shape mismatch",
+        "brainshape": "shape mismatch: brain mask", "brainflip": r"affine mismatch: brain mask .* \(LAS\) vs",
+        "brainempty": "brain mask .* is empty",
+    }  # fmt: skip
 
 
 def _wsol(root: Path) -> dict[str, str]:

@@ -2,6 +2,10 @@
 
 Every file under the root is one input. A mask for ``cls/a/img.jpg`` is looked up as
 ``<masks>/cls/a/img.png``, then ``<masks>/cls/a/img.jpg``; images without one get no mask and no boxes.
+Anatomy masks (off-target structures such as the skull, for the off-target share) come from the
+``anatomy_masks`` folder, matched the same way by file stem: ``<anatomy_masks>/cls/a/img.png``, then
+``<anatomy_masks>/cls/a/img.jpg``; pixels > 0 (or the object value of a 0/1/255 mask) are anatomy. With
+that folder every image needs one: an image without it, or with one of another size, is rejected.
 The subject of an image is its file stem, or what ``subject_pattern`` (a regex searched in the relative
 path; group ``subject``, else group 1, else the whole match) picks out.
 
@@ -16,8 +20,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from acol_core.data.codec import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from acol_core.data.schema import Record, Reject
+from acol_core.data.schema import MASK_OBJECT, Record, Reject
 from acol_core.data.sources.base import (
     DataSourceError,
     InputError,
@@ -41,6 +47,7 @@ class ImageFolderSource(SourceBase):
     Args:
         root: the folder (path or URI) holding one sub-folder per class.
         masks: optional folder with masks at the same relative paths.
+        anatomy_masks: optional folder with an anatomy mask for every image, at the same relative paths.
         subject_pattern: regex that extracts the subject id from the relative path.
         class_names: the classes, in label order (default: the sub-folder names, sorted); files in
             other folders are rejected.
@@ -53,12 +60,14 @@ class ImageFolderSource(SourceBase):
         self,
         root: str,
         masks: str | None = None,
+        anatomy_masks: str | None = None,
         subject_pattern: str | None = None,
         class_names: Sequence[str] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.root = InputRoot(root)
         self.masks = InputRoot(masks, "masks folder") if masks else None
+        self.anatomy = InputRoot(anatomy_masks, "anatomy masks folder") if anatomy_masks else None
         self.pattern = re.compile(subject_pattern) if subject_pattern else None
         self.max_pixels = int(max_pixels)
         self.class_names = tuple(class_names) if class_names else tuple(self.root.list_dirs())
@@ -73,6 +82,7 @@ class ImageFolderSource(SourceBase):
             **super().describe(),
             "root": self.root.uri,
             "masks": self.masks.uri if self.masks else None,
+            "anatomy_masks": self.anatomy.uri if self.anatomy else None,
             "subject_pattern": self.pattern.pattern if self.pattern else None,
             "max_pixels": self.max_pixels,
         }
@@ -109,7 +119,10 @@ class ImageFolderSource(SourceBase):
         if subject is None:
             raise InputError(f"subject pattern {self.pattern.pattern!r} does not match")
         image = decode_image(self.root.read_bytes(rel), self.max_pixels)
-        mask = self._mask(rel, image.shape[:2])
+        mask = self._mask(self.masks, rel, image.shape[:2], "mask")
+        anatomy = self._mask(self.anatomy, rel, image.shape[:2], "anatomy mask")
+        if self.anatomy is not None and anatomy is None:
+            raise InputError(f"no anatomy mask for {rel} in {self.anatomy.uri}")
         return Record(
             image_id=rel,
             image=image,
@@ -118,22 +131,24 @@ class ImageFolderSource(SourceBase):
             boxes=None if mask is None else mask_to_boxes(mask),
             subject_id=subject,
             source=rel,
+            anatomy_mask=None if anatomy is None else (anatomy == MASK_OBJECT).astype(np.uint8),
         )
 
-    def _mask(self, rel: str, shape: tuple[int, ...]):
-        if self.masks is None:
+    def _mask(
+        self, folder: InputRoot | None, rel: str, shape: tuple[int, ...], what: str
+    ) -> np.ndarray | None:
+        """The binarised mask for image ``rel`` in ``folder`` (by stem), or None when it has none."""
+        if folder is None:
             return None
         stem = posixpath.splitext(rel)[0]
         for candidate in (f"{stem}.png", rel):
-            if self.masks.exists(candidate):
+            if folder.exists(candidate):
                 try:
-                    decoded = decode_image(
-                        self.masks.read_bytes(candidate), self.max_pixels, keep_palette=True
-                    )
+                    decoded = decode_image(folder.read_bytes(candidate), self.max_pixels, keep_palette=True)
                 except ImageDecodeError as exc:
-                    raise InputError(f"mask {candidate}: {exc}") from None
-                mask = binarize_mask(decoded, f"mask {candidate}")
+                    raise InputError(f"{what} {candidate}: {exc}") from None
+                mask = binarize_mask(decoded, f"{what} {candidate}")
                 if mask.shape != tuple(shape):
-                    raise InputError(f"mask shape {mask.shape} does not match image shape {tuple(shape)}")
+                    raise InputError(f"{what} shape {mask.shape} does not match image shape {tuple(shape)}")
                 return mask
         return None

@@ -9,6 +9,16 @@ axis of the canonical grid) with too little head are skipped. With a segmentatio
 object: a slice is "tumour" when it covers at least ``min_tumour_pixels`` pixels; a smaller tumour
 section is marked ignore (255) on a "healthy" slice rather than called background.
 
+Anatomy (the off-target structures: scalp, skull) comes from an optional brain mask per subject,
+``<anything>brainmask.nii[.gz]`` (suffix: the ``brain_mask`` option; ``"none"`` turns it off), on the
+modalities' grid (same shape and affine, else the subject is rejected; an empty mask is rejected too).
+Voxels > 0 are brain (a non-integer mask: voxels >= 0.5). The head is derived from the image
+(``head_mask``): per modality, voxels above the volume's Otsu threshold, united over modalities; the
+largest 3-D connected component; holes filled in 3-D and then in every axial slice (a dark skull or CSF
+ring enclosed by the scalp is head); brain voxels are head too. ``anatomy_mask`` = head minus brain, 0/1,
+on every slice of a subject with a brain mask; null for subjects without one (the metrics then leave
+the off-target share out rather than count it as 0).
+
 Slices are shown with anterior up and the subject's left on the image's left: ``to_display`` and
 ``from_display`` convert a canonical-grid plane; ``restack`` builds a volume on the grid described by the
 rows' ``volume_shape`` and ``affine`` (the canonical grid: the same voxels as the source file).
@@ -24,10 +34,12 @@ import io
 import posixpath
 import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from acol_core.data.schema import MASK_IGNORE, Record, Reject
 from acol_core.data.sources.base import (
@@ -39,7 +51,16 @@ from acol_core.data.sources.base import (
     mask_to_boxes,
 )
 
-__all__ = ["NIFTI_CLASSES", "NiftiSource", "from_display", "load_nifti_bytes", "restack", "to_display"]
+__all__ = [
+    "NIFTI_CLASSES",
+    "NiftiSource",
+    "from_display",
+    "head_mask",
+    "load_nifti_bytes",
+    "otsu_threshold",
+    "restack",
+    "to_display",
+]
 
 NIFTI_CLASSES = ("healthy", "tumour")
 DEFAULT_MAX_VOXELS = 512 * 512 * 512
@@ -107,6 +128,41 @@ def _normalise(volume: np.ndarray, percentiles: tuple[float, float]) -> np.ndarr
     return np.rint(scaled * 65535.0).astype(np.uint16)
 
 
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold: the histogram cut that maximises the between-class variance.
+
+    Voxels strictly above it are foreground. A constant volume gives its one value (nothing above).
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return lo
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    weight0 = np.cumsum(counts)[:-1].astype(np.float64)
+    weight1 = values.size - weight0
+    mass = np.cumsum(counts * centres)[:-1]
+    mean0 = mass / np.maximum(weight0, 1)
+    mean1 = (mass[-1] + counts[-1] * centres[-1] - mass) / np.maximum(weight1, 1)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    return float(edges[1:-1][int(np.argmax(between))])
+
+
+def head_mask(volumes: Sequence[np.ndarray]) -> np.ndarray:
+    """The head (foreground) of co-registered volumes; the method is in the module docstring."""
+    foreground = np.zeros(volumes[0].shape, bool)
+    for volume in volumes:
+        foreground |= volume > otsu_threshold(volume)
+    labelled, count = ndimage.label(foreground)
+    if count == 0:
+        return foreground
+    sizes = np.bincount(labelled.ravel())[1:]
+    head = ndimage.binary_fill_holes(labelled == 1 + int(np.argmax(sizes)))
+    for z in range(head.shape[2]):
+        head[:, :, z] = ndimage.binary_fill_holes(head[:, :, z])
+    return head
+
+
 class NiftiSource(SourceBase):
     """BraTS-style subject folders of NIfTI volumes.
 
@@ -114,6 +170,8 @@ class NiftiSource(SourceBase):
         root: folder (path or URI) with one sub-folder per subject.
         modalities: file-name suffixes of the channels, e.g. ``["t1c"]`` or ``"t1c,flair"``.
         seg: suffix of the segmentation file (optional per subject).
+        brain_mask: suffix of the brain mask file (optional per subject; ``"none"``: not read); with it,
+            the slices get ``anatomy_mask`` = head minus brain.
         min_tumour_pixels: tumour pixels from which a slice is labelled "tumour".
         min_foreground_fraction: slices whose head covers less of the plane are skipped.
         clip_percentiles: intensity percentiles mapped to 0 and 65535.
@@ -129,6 +187,7 @@ class NiftiSource(SourceBase):
         root: str,
         modalities: Sequence[str] | str = ("t1c",),
         seg: str = "seg",
+        brain_mask: str = "brainmask",
         min_tumour_pixels: int = 30,
         min_foreground_fraction: float = 0.01,
         clip_percentiles: Sequence[float] = (0.5, 99.5),
@@ -140,6 +199,8 @@ class NiftiSource(SourceBase):
             raise DataSourceError(f"nifti: 1 to 4 modalities are supported, got {self.modalities}")
         self.root = InputRoot(root)
         self.seg = seg
+        off = str(brain_mask).strip().lower() in ("", "none")
+        self.brain_mask = None if off else str(brain_mask).strip()
         self.min_tumour_pixels = int(min_tumour_pixels)
         self.min_foreground_fraction = float(min_foreground_fraction)
         lo, hi = (float(v) for v in clip_percentiles)
@@ -155,6 +216,13 @@ class NiftiSource(SourceBase):
             "root": self.root.uri,
             "modalities": list(self.modalities),
             "seg": self.seg,
+            "brain_mask": self.brain_mask,
+            "anatomy_mask": (
+                "head (Otsu per modality, largest 3-D component, holes filled) minus brain mask, "
+                "for subjects with a brain mask"
+                if self.brain_mask
+                else None
+            ),
             "min_tumour_pixels": self.min_tumour_pixels,
             "min_foreground_fraction": self.min_foreground_fraction,
             "clip_percentiles": list(self.clip_percentiles),
@@ -205,38 +273,57 @@ class NiftiSource(SourceBase):
             raise InputError(f"{name} has NaN/Inf voxels")
         return data, np.asarray(image.affine, dtype=np.float64)
 
-    def _volumes(self, subject: str) -> tuple[list[np.ndarray], np.ndarray | None, np.ndarray, str]:
+    def _volumes(self, subject: str) -> _Subject:
         files = [f for f in self.root.list_files(subject) if posixpath.dirname(f) == subject]
         paths = [self._find(files, m, required=True) for m in self.modalities]
         seg_path = self._find(files, self.seg, required=False)
+        brain_path = self._find(files, self.brain_mask, required=False) if self.brain_mask else None
         loaded = [self._load(p) for p in paths]
         data0, affine0 = loaded[0]
+        ref_name = posixpath.basename(paths[0])
         for (data, affine), path in zip(loaded[1:], paths[1:], strict=True):
-            _check_same_grid(
-                data, affine, data0, affine0, posixpath.basename(path), posixpath.basename(paths[0])
-            )
+            _check_same_grid(data, affine, data0, affine0, posixpath.basename(path), ref_name)
         seg = None
         if seg_path is not None:
             seg, seg_affine = self._load(seg_path)
-            _check_same_grid(
-                seg, seg_affine, data0, affine0, posixpath.basename(seg_path), posixpath.basename(paths[0])
-            )
+            _check_same_grid(seg, seg_affine, data0, affine0, posixpath.basename(seg_path), ref_name)
             if (seg < 0).any() or not np.array_equal(seg, np.round(seg)):
                 raise InputError(
                     f"{posixpath.basename(seg_path)} is not a label map (non-integer or negative)"
                 )
-        return [d for d, _ in loaded], seg, affine0, paths[0]
+        brain = None
+        if brain_path is not None:
+            brain = self._brain(brain_path, data0, affine0, ref_name)
+        return _Subject([d for d, _ in loaded], seg, brain, affine0, paths[0])
+
+    def _brain(self, rel: str, ref: np.ndarray, ref_affine: np.ndarray, ref_name: str) -> np.ndarray:
+        """The brain mask as bool on the modalities' grid; InputError when it cannot be used."""
+        name = posixpath.basename(rel)
+        data, affine = self._load(rel)
+        _check_same_grid(data, affine, ref, ref_affine, f"brain mask {name}", ref_name)
+        if (data < 0).any():
+            raise InputError(f"brain mask {name} has negative values")
+        brain = data > 0 if np.array_equal(data, np.round(data)) else data >= 0.5
+        if not brain.any():
+            raise InputError(f"brain mask {name} is empty (no brain voxel)")
+        return brain
 
     # ------------------------------------------------------------------ slicing
 
     def _read(self, subject: str) -> list[Record]:
-        volumes, seg, affine, first_path = self._volumes(subject)
+        loaded = self._volumes(subject)
+        affine, first_path = loaded.affine, loaded.first_path
         ornt = nib.orientations.io_orientation(affine)
-        canonical_affine = affine @ nib.orientations.inv_ornt_aff(ornt, volumes[0].shape)
-        volumes = [nib.orientations.apply_orientation(v, ornt) for v in volumes]
+        canonical_affine = affine @ nib.orientations.inv_ornt_aff(ornt, loaded.volumes[0].shape)
+        volumes = [nib.orientations.apply_orientation(v, ornt) for v in loaded.volumes]
         head = np.any([v > v.min() for v in volumes], axis=0)
         stack = np.stack([_normalise(v, self.clip_percentiles) for v in volumes], axis=-1)
+        seg = loaded.seg
         tumour = None if seg is None else nib.orientations.apply_orientation(seg, ornt) > 0
+        anatomy = None
+        if loaded.brain is not None:
+            brain = nib.orientations.apply_orientation(loaded.brain, ornt).astype(bool)
+            anatomy = (head_mask(volumes) | brain) & ~brain
         shape = stack.shape[:3]
         records = []
         for z in range(shape[2]):
@@ -246,6 +333,8 @@ class NiftiSource(SourceBase):
             records.append(
                 self._record(subject, z, image, None if tumour is None else to_display(tumour[:, :, z]))
             )
+            if anatomy is not None:
+                records[-1].anatomy_mask = np.ascontiguousarray(to_display(anatomy[:, :, z])).astype(np.uint8)
             records[-1].volume_shape = (int(shape[0]), int(shape[1]), int(shape[2]))
             records[-1].affine = canonical_affine
             records[-1].source = first_path
@@ -274,10 +363,23 @@ class NiftiSource(SourceBase):
         return record
 
 
+@dataclass
+class _Subject:
+    """One subject's volumes on the file grid: modalities, optional segmentation and brain mask."""
+
+    volumes: list[np.ndarray]
+    seg: np.ndarray | None
+    brain: np.ndarray | None
+    affine: np.ndarray
+    first_path: str
+
+
 def _check_same_grid(
     data: np.ndarray, affine: np.ndarray, ref: np.ndarray, ref_affine: np.ndarray, name: str, ref_name: str
 ) -> None:
     if data.shape != ref.shape:
         raise InputError(f"shape mismatch: {name} {data.shape} vs {ref_name} {ref.shape}")
     if not np.allclose(affine, ref_affine, atol=1e-3):
-        raise InputError(f"affine mismatch: {name} vs {ref_name}")
+        codes = "".join(nib.orientations.aff2axcodes(affine))
+        ref_codes = "".join(nib.orientations.aff2axcodes(ref_affine))
+        raise InputError(f"affine mismatch: {name} ({codes}) vs {ref_name} ({ref_codes})")
