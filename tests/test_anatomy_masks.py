@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
+from volumes import AFFINE, SHAPE, head_model, save_volume, subject, t1_volume
 
 from acol_core.cli import app
 from acol_core.data.codec import decode_png
@@ -24,43 +25,6 @@ from acol_core.data.sources.nifti import head_mask, otsu_threshold, to_display
 from acol_core.evaluate import evaluate_predictions
 from acol_core.metrics import off_target_share
 from acol_core.predictions import PREDICTION_SCHEMA, encode_cam, encode_mask, write_predictions
-
-SHAPE = (32, 32, 8)
-# Not RAS: x and z flipped, so the test also checks that the masks follow the image's reorientation.
-AFFINE = np.array([[-2.0, 0, 0, 30], [0, 2.0, 0, -20], [0, 0, -3.0, 15], [0, 0, 0, 1]])
-
-
-def _head_model() -> dict[str, np.ndarray]:
-    """An ellipsoid head: bright brain, a dark skull shell (below Otsu's cut), scalp, a tumour in the brain."""
-    x, y, z = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
-    r = np.sqrt(((x - 15.5) / 13) ** 2 + ((y - 15.5) / 13) ** 2 + ((z - 3.5) / 5.5) ** 2)
-    head, brain = r <= 1.0, r <= 0.65
-    tumour = (x - 17) ** 2 + (y - 14) ** 2 + (2 * (z - 3.5)) ** 2 <= 12
-    return {"head": head, "brain": brain, "skull": head & ~brain & (r <= 0.8), "tumour": tumour & brain}
-
-
-def _t1(model: dict[str, np.ndarray], seed: int) -> np.ndarray:
-    vol = np.abs(np.random.default_rng(seed).normal(0, 3, SHAPE)).astype(np.float32)  # background noise
-    vol[model["head"]] = 60
-    vol[model["skull"]] = 12
-    vol[model["brain"]] = 120
-    vol[model["tumour"]] = 200
-    return vol
-
-
-def _save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, affine), path)
-
-
-def _subject(
-    root: Path, name: str, brain: np.ndarray | None = None, brain_affine=AFFINE, seed: int = 0
-) -> None:
-    model = _head_model()
-    _save(root / name / f"{name}_t1c.nii.gz", _t1(model, seed))
-    _save(root / name / f"{name}_seg.nii.gz", model["tumour"].astype(np.uint8))
-    if brain is not None:
-        _save(root / name / f"{name}_brainmask.nii.gz", brain.astype(np.uint8), brain_affine)
 
 
 def _canonical_display(volume: np.ndarray) -> dict[int, np.ndarray]:
@@ -76,17 +40,17 @@ def _prepare(*args: str) -> dict:
 
 
 def test_otsu_and_head_mask_recover_the_head() -> None:
-    model = _head_model()
-    vol = _t1(model, 0)
+    model = head_model()
+    vol = t1_volume(model, 0)
     assert 12 < otsu_threshold(vol) < 60  # above the skull: the shell is recovered by the hole filling
     np.testing.assert_array_equal(head_mask([vol]), model["head"])  # dark skull shell filled back in
     assert otsu_threshold(np.full((4, 4, 4), 7.0)) == 7.0 and not head_mask([np.full((4, 4, 4), 7.0)]).any()
 
 
 def test_nifti_anatomy_is_head_minus_brain_through_the_cli(tmp_path: Path) -> None:
-    brain = _head_model()["brain"]
+    brain = head_model()["brain"]
     for i in range(3):
-        _subject(tmp_path / "in", f"s{i}", brain, seed=i)
+        subject(tmp_path / "in", f"s{i}", brain, seed=i)
     out = str(tmp_path / "data")
     summary = _prepare(
         "--source", "nifti", "--input", str(tmp_path / "in"), "--output", out, "-o", "min_tumour_pixels=3"
@@ -94,7 +58,7 @@ def test_nifti_anatomy_is_head_minus_brain_through_the_cli(tmp_path: Path) -> No
     assert summary["accepted"] == 3 and summary["rejected"] == 0
     rows = open_dataset(out).read_table().to_pylist()
     assert rows and all(r["anatomy_mask"] is not None for r in rows)
-    model = _head_model()
+    model = head_model()
     expected = _canonical_display(model["head"] & ~model["brain"])
     middle = [r for r in rows if r["subject_id"] == "s1" and r["slice_index"] == 4][0]
     anatomy = decode_png(middle["anatomy_mask"])
@@ -135,11 +99,11 @@ def _half_on_anatomy(row: dict) -> np.ndarray:
 
 
 def test_off_target_share_from_brain_masks_and_left_out_without(tmp_path: Path) -> None:
-    brain = _head_model()["brain"]
-    _subject(tmp_path / "with", "a", brain)
-    _subject(tmp_path / "with", "b", brain, seed=1)
-    _subject(tmp_path / "without", "c")
-    _subject(tmp_path / "without", "d", seed=1)
+    brain = head_model()["brain"]
+    subject(tmp_path / "with", "a", brain)
+    subject(tmp_path / "with", "b", brain, seed=1)
+    subject(tmp_path / "without", "c")
+    subject(tmp_path / "without", "d", seed=1)
     for cohort in ("with", "without"):
         _prepare("--source", "nifti", "--input", str(tmp_path / cohort), "--output", str(tmp_path / f"data-{cohort}"),
                  "--split", "test", "-o", "min_tumour_pixels=3")  # fmt: skip
@@ -169,14 +133,14 @@ def test_off_target_share_from_brain_masks_and_left_out_without(tmp_path: Path) 
 
 
 def test_bad_brain_masks_are_recorded_rejects(tmp_path: Path) -> None:
-    brain = _head_model()["brain"]
+    brain = head_model()["brain"]
     root = tmp_path / "in"
-    _subject(root, "good", brain)
-    _subject(root, "shape", brain[:, :, :6])
-    _subject(root, "flipped", brain, brain_affine=np.diag([2.0, 2.0, 3.0, 1.0]))  # another orientation
-    _subject(root, "empty", np.zeros(SHAPE, bool))
-    _save(root / "negative" / "negative_t1c.nii.gz", _t1(_head_model(), 0))
-    _save(root / "negative" / "negative_brainmask.nii.gz", -brain.astype(np.float32))
+    subject(root, "good", brain)
+    subject(root, "shape", brain[:, :, :6])
+    subject(root, "flipped", brain, brain_affine=np.diag([2.0, 2.0, 3.0, 1.0]))  # another orientation
+    subject(root, "empty", np.zeros(SHAPE, bool))
+    save_volume(root / "negative" / "negative_t1c.nii.gz", t1_volume(head_model(), 0))
+    save_volume(root / "negative" / "negative_brainmask.nii.gz", -brain.astype(np.float32))
     out = tmp_path / "data"
     summary = _prepare("--source", "nifti", "--input", str(root), "--output", str(out))
     reasons = {r["source"]: r["reason"] for r in pq.read_table(out / "_rejects.parquet").to_pylist()}
@@ -194,9 +158,9 @@ def test_bad_brain_masks_are_recorded_rejects(tmp_path: Path) -> None:
 
 
 def test_brain_mask_option_sets_the_suffix_or_turns_it_off(tmp_path: Path) -> None:
-    brain = _head_model()["brain"]
-    _save(tmp_path / "s" / "s_t1c.nii.gz", _t1(_head_model(), 0))
-    _save(tmp_path / "s" / "s_mask-brain.nii.gz", brain.astype(np.uint8))
+    brain = head_model()["brain"]
+    save_volume(tmp_path / "s" / "s_t1c.nii.gz", t1_volume(head_model(), 0))
+    save_volume(tmp_path / "s" / "s_mask-brain.nii.gz", brain.astype(np.uint8))
     records = list(get_source("nifti", root=str(tmp_path), brain_mask="mask-brain").iter_items())
     assert records and all(r.anatomy_mask is not None for r in records)
     off = list(get_source("nifti", root=str(tmp_path), brain_mask="none").iter_items())
