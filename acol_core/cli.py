@@ -18,29 +18,12 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 
+from acol_core.errors import exit_code
+
 __all__ = ["app", "main"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    import yaml
-
-    from acol_core.config import ConfigError
-    from acol_core.data.shards import DatasetError
-    from acol_core.data.sources import DataSourceError
-    from acol_core.export import ExportError
-    from acol_core.storage import StorageError
-
-    parsing = (ValueError, FileNotFoundError, yaml.YAMLError)  # bad values, missing files, broken YAML
-    return (ConfigError, DatasetError, DataSourceError, ExportError, StorageError, *parsing)
-
-
-def _run_failures() -> tuple[type[BaseException], ...]:
-    """Errors of runs that started (exit code 1); only modules already loaded can have raised them."""
-    names = {"acol_core.jobs.localize_job": "LocalizeError", "acol_core.jobs.train_run": "TrainingError"}
-    return tuple(getattr(sys.modules[m], n) for m, n in names.items() if m in sys.modules)
 
 
 def _fail(verb: str, exc: BaseException, code: int) -> NoReturn:
@@ -61,10 +44,11 @@ def clear_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except _run_failures() as exc:
-            _fail(fn.__name__, exc, 1)
-        except _user_errors() as exc:
-            _fail(fn.__name__, exc, 2)
+        except Exception as exc:
+            code = exit_code(exc)
+            if code is None:
+                raise
+            _fail(fn.__name__, exc, code)
 
     return wrapper  # type: ignore[return-value]
 

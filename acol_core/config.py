@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from acol_core.errors import UserError
+
 __all__ = ["ConfigError", "TrainConfig", "load_config_file"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run (unknown key, value out of range)."""
 
 

@@ -39,6 +39,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,9 @@ from acol_core.stats import paired_bootstrap_histograms, pixel_histograms, summa
 from acol_core.subjects import subject_metrics, subjects_csv, summarize_subjects
 
 __all__ = [
+    "JoinedRows",
+    "StoredMaps",
+    "join_predictions",
     "object_histograms",
     "evaluate_predictions",
     "evaluate_runs",
@@ -78,7 +82,7 @@ _GT_COLUMNS = ["image_id", "label", "mask", "boxes", "anatomy_mask", "fullsup", 
 _PRED_COLUMNS = ["image_id", "pred_label", "cam", "cam_gt"]
 
 
-class _Maps(Sequence):
+class StoredMaps(Sequence):
     """uint8 maps (0..255) kept as is, seen as float maps in [0, 1] one at a time (4× less memory)."""
 
     def __init__(self, maps: Sequence[np.ndarray]) -> None:
@@ -93,18 +97,18 @@ class _Maps(Sequence):
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))
 
-    def take(self, index: Sequence[int]) -> _Maps:
-        return _Maps([self._maps[i] for i in index])
+    def take(self, index: Sequence[int]) -> StoredMaps:
+        return StoredMaps([self._maps[i] for i in index])
 
 
 @dataclass
-class _Rows:
+class JoinedRows:
     """The joined rows of one split: ground truth and the GT class's maps, at image resolution."""
 
     image_ids: list[str]
     labels: np.ndarray
     preds: np.ndarray
-    maps: _Maps
+    maps: StoredMaps
     masks: list[np.ndarray | None]
     boxes: list[list[list[int]]]
     anatomy: list[np.ndarray | None]
@@ -112,10 +116,10 @@ class _Rows:
     predicted_map_rows: int  # misclassified rows without a GT map (scored with the predicted class's map)
     subject_ids: list[str]
     slice_indices: np.ndarray
-    pred_maps: _Maps  # the predicted class's map (``cam``): what per-subject volumes are cut from
+    pred_maps: StoredMaps  # the predicted class's map (``cam``): what per-subject volumes are cut from
 
-    def take(self, index: Sequence[int]) -> _Rows:
-        return _Rows(
+    def take(self, index: Sequence[int]) -> JoinedRows:
+        return JoinedRows(
             [self.image_ids[i] for i in index],
             self.labels[list(index)],
             self.preds[list(index)],
@@ -136,6 +140,10 @@ class _Rows:
     def box_rows(self) -> list[int]:
         return [i for i, b in enumerate(self.boxes) if b]
 
+    def with_maps(self, maps: Sequence[np.ndarray]) -> JoinedRows:
+        """The same rows scored with other uint8 maps (a baseline's), as the stored CAMs are."""
+        return dataclasses.replace(self, maps=StoredMaps(maps))
+
 
 def _decode_mask(data: bytes | None) -> np.ndarray | None:
     if data is None:
@@ -144,7 +152,7 @@ def _decode_mask(data: bytes | None) -> np.ndarray | None:
     return mask[..., 0] if mask.ndim == 3 else mask
 
 
-def _join(pred_uri: str, dataset: Any, split: str, required: bool) -> _Rows | None:
+def join_predictions(pred_uri: str, dataset: Any, split: str, required: bool) -> JoinedRows | None:
     """Rows of ``split`` with their predictions; every row must have one when ``required``."""
     gt = dataset.read_table(split=split, columns=_GT_COLUMNS).to_pylist()
     pred = {r["image_id"]: r for r in read_predictions(pred_uri, columns=_PRED_COLUMNS).to_pylist()}
@@ -177,11 +185,11 @@ def _join(pred_uri: str, dataset: Any, split: str, required: bool) -> _Rows | No
         boxes.append(gt_boxes)
         anatomy.append(_decode_mask(r["anatomy_mask"]))
         preds.append(p["pred_label"])
-    return _Rows(
+    return JoinedRows(
         image_ids=[r["image_id"] for r in rows],
         labels=np.array([r["label"] for r in rows], dtype=np.int64),
         preds=np.array(preds, dtype=np.int64),
-        maps=_Maps(maps),
+        maps=StoredMaps(maps),
         masks=masks,
         boxes=boxes,
         anatomy=anatomy,
@@ -189,11 +197,13 @@ def _join(pred_uri: str, dataset: Any, split: str, required: bool) -> _Rows | No
         predicted_map_rows=predicted_map_rows,
         subject_ids=[str(r["subject_id"]) for r in rows],
         slice_indices=np.array([int(r["slice_index"]) for r in rows], dtype=np.int64),
-        pred_maps=_Maps(pred_maps),
+        pred_maps=StoredMaps(pred_maps),
     )
 
 
-def select_thresholds(rows: _Rows | None, iou_threshold: float = 0.5, step: float = 0.01) -> dict[str, Any]:
+def select_thresholds(
+    rows: JoinedRows | None, iou_threshold: float = 0.5, step: float = 0.01
+) -> dict[str, Any]:
     """CAM thresholds chosen on the ``fullsup`` object rows: best box accuracy and best Dice."""
     if rows is None:
         return {"rows": 0}
@@ -212,7 +222,11 @@ def select_thresholds(rows: _Rows | None, iou_threshold: float = 0.5, step: floa
 
 
 def localization_report(
-    rows: _Rows, box_threshold: float, dice_threshold: float, iou_threshold: float = 0.5, step: float = 0.01
+    rows: JoinedRows,
+    box_threshold: float,
+    dice_threshold: float,
+    iou_threshold: float = 0.5,
+    step: float = 0.01,
 ) -> dict[str, Any]:
     """Every localisation metric over ``rows`` (see the module docstring for which rows count)."""
     out: dict[str, Any] = {}
@@ -247,7 +261,7 @@ def localization_report(
     return out
 
 
-def _classification(rows: _Rows, class_names: Sequence[str]) -> dict[str, Any]:
+def _classification(rows: JoinedRows, class_names: Sequence[str]) -> dict[str, Any]:
     labelled = rows.labels >= 0
     labels, preds = rows.labels[labelled], rows.preds[labelled]
     per_class = {
@@ -262,7 +276,7 @@ def _classification(rows: _Rows, class_names: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def volume_report(rows: _Rows, class_names: Sequence[str], threshold: float) -> dict[str, Any]:
+def volume_report(rows: JoinedRows, class_names: Sequence[str], threshold: float) -> dict[str, Any]:
     """Per-subject (3-D) Dice/IoU and detection at ``threshold`` (``acol_core.subjects``), or why not."""
     if len(class_names) != 2:
         return {
@@ -304,13 +318,13 @@ def _evaluate(
     val_data: str | None,
     iou_threshold: float,
     step: float,
-) -> tuple[dict[str, Any], _Rows]:
+) -> tuple[dict[str, Any], JoinedRows]:
     from acol_core.data.shards import open_dataset
 
     info = read_success(pred_uri)
     dataset = open_dataset(data_uri, verify=False)
     class_names = dataset.class_names or info.class_names
-    rows = _join(pred_uri, dataset, split, required=True)
+    rows = join_predictions(pred_uri, dataset, split, required=True)
     if rows is None:
         raise PredictionsError(f"split {split!r} of {data_uri} has no rows")
     if val_data is not None and val_predictions is None:
@@ -327,7 +341,9 @@ def _evaluate(
                 f"{val_predictions} were made on {made_on}, not {data_uri}: name their dataset with --val-data"
             )
     val_dataset = dataset if val_uri == data_uri else open_dataset(val_uri, verify=False)
-    chosen = select_thresholds(_join(val_source, val_dataset, "val", required=False), iou_threshold, step)
+    chosen = select_thresholds(
+        join_predictions(val_source, val_dataset, "val", required=False), iou_threshold, step
+    )
     if val_predictions is not None and chosen["rows"] == 0:
         hint = "" if val_data else ": predictions of another dataset? name it with --val-data"
         raise PredictionsError(
@@ -421,7 +437,7 @@ def _check_one_recipe(pred_uris: Sequence[str]) -> None:
             )
 
 
-def _pixel_hist(rows: _Rows, step: float) -> tuple[np.ndarray, np.ndarray]:
+def _pixel_hist(rows: JoinedRows, step: float) -> tuple[np.ndarray, np.ndarray]:
     sub = rows.take(rows.pixel_rows())
     return pixel_histograms(sub.maps, sub.masks, step)
 
@@ -434,7 +450,7 @@ def object_histograms(
     from acol_core.data.shards import open_dataset
 
     read_success(pred_uri)
-    rows = _join(pred_uri, open_dataset(data_uri, verify=False), split, required=True)
+    rows = join_predictions(pred_uri, open_dataset(data_uri, verify=False), split, required=True)
     if rows is None:
         raise PredictionsError(f"split {split!r} of {data_uri} has no rows")
     return _pixel_hist(rows, step)
@@ -485,7 +501,7 @@ def evaluate_runs(
         other_hists = []
         for uri in compare_to:
             read_success(uri)
-            other = _join(uri, dataset, split, required=True)
+            other = join_predictions(uri, dataset, split, required=True)
             assert other is not None  # every row has a prediction (required), and the split has rows
             other_hists.append(_pixel_hist(other, step))
         for i, uri in enumerate(pred_uris):

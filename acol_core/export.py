@@ -23,6 +23,7 @@ from torch import nn
 
 from acol_core.config import TrainConfig
 from acol_core.data.transforms import NORMALIZATION
+from acol_core.errors import UserError
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -38,7 +39,7 @@ EXPORT_FORMAT = "acol-flow/model/v1"
 _KEY = "acol_flow"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The file is not an acol-flow model export (or is damaged)."""
 
 

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import acol_core
 from acol_core import storage
 from acol_core.data.codec import decode_png, encode_png
+from acol_core.errors import UserError
 
 __all__ = [
     "PREDICTIONS_FORMAT",
@@ -85,7 +86,7 @@ PREDICTION_SCHEMA = pa.schema(
 )
 
 
-class PredictionsError(ValueError):
+class PredictionsError(UserError, ValueError):
     """A predictions folder that is incomplete, inconsistent, or may not be written."""
 
 

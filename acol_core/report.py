@@ -34,14 +34,11 @@ import numpy as np
 
 from acol_core.data.codec import decode_png
 from acol_core.metrics import (
-    best_dice,
     center_gaussian_baseline,
     max_box_acc,
-    max_box_acc_v2,
-    off_target_share,
     pixel_pr_curve,
-    pxap,
 )
+from acol_core.predictions import quantize_cam
 from acol_core.runs import ModelEntry, RunRecord, read_run, report_uri
 from acol_core.storage import exists, join, read_bytes, write_bytes
 
@@ -185,7 +182,7 @@ def _dice_threshold(evaluation: dict[str, Any]) -> float:
 
 
 def _model_view(label: str, entry: ModelEntry, evaluation: dict[str, Any], rows: Any) -> _ModelView:
-    """Curves and overlay picks of one model from its joined rows (``acol_core.evaluate._Rows``), on the
+    """Curves and overlay picks of one model from its joined rows (``acol_core.evaluate.JoinedRows``), on the
     rows the evaluation scores: object rows for the pixel curve and the overlays, box rows for BoxAcc."""
     view = _ModelView(label, entry, evaluation)
     if rows is None:
@@ -207,37 +204,37 @@ def _model_view(label: str, entry: ModelEntry, evaluation: dict[str, Any], rows:
 
 
 def _baseline(rows: Any) -> dict[str, float]:
-    """The centre-Gaussian map's scores on the rows each metric uses in ``acol evaluate``."""
+    """The centre-Gaussian map's scores on the rows each metric uses in ``acol evaluate``, through the
+    same scoring path (``evaluate.localization_report``) on uint8 maps, as every stored CAM is."""
+    from acol_core.evaluate import localization_report
+
     if rows is None or not rows.image_ids:
         return {}
     gaussians: dict[tuple[int, ...], np.ndarray] = {}
-    cams = []
+    maps = []
     for i in range(len(rows.image_ids)):
         shape = rows.maps[i].shape
         if shape not in gaussians:
-            gaussians[shape] = center_gaussian_baseline(1, *shape)[0]
-        cams.append(gaussians[shape])
-    out: dict[str, float] = {}
-    pixel, box = rows.pixel_rows(), rows.box_rows()
-    if pixel:
-        maps, masks = [cams[i] for i in pixel], [rows.masks[i] for i in pixel]
-        out["PxAP"] = pxap(maps, masks)
-        out["Dice (best τ)"] = best_dice(maps, masks)["dice"]
-    if box:
-        maps, boxes = [cams[i] for i in box], [rows.boxes[i] for i in box]
-        out["MaxBoxAcc"] = max_box_acc(maps, boxes, (BOX_IOU,))["per_iou"][BOX_IOU]
-        out["MaxBoxAccV2"] = max_box_acc_v2(maps, boxes)["mean"]
-    anatomy = [i for i in sorted(set(pixel) | set(box)) if rows.anatomy[i] is not None]
-    if anatomy:
-        masks = [(rows.anatomy[i] == 1).astype(np.uint8) for i in anatomy]
-        out["off-target"] = off_target_share([cams[i] for i in anatomy], masks)
+            gaussians[shape] = quantize_cam(center_gaussian_baseline(1, *shape)[0])
+        maps.append(gaussians[shape])
+    # Thresholded metrics are not shown for the baseline: any threshold does.
+    report = localization_report(rows.with_maps(maps), 0.5, 0.5, BOX_IOU)
+    names = {
+        "pxap": "PxAP",
+        "max_box_acc": "MaxBoxAcc",
+        "max_box_acc_v2": "MaxBoxAccV2",
+        "off_target_share": "off-target",
+    }
+    out = {title: report[key] for key, title in names.items() if key in report}
+    if "best_dice" in report:
+        out["Dice (best τ)"] = report["best_dice"]["dice"]
     return out
 
 
 def _load_views(record: RunRecord, dataset: Any) -> tuple[list[_ModelView], list[str], dict[str, float]]:
     """Every evaluated model's view (one model's rows in memory at a time), the labels left out (no
     evaluation yet), and the baseline on the first model's rows."""
-    from acol_core.evaluate import _join
+    from acol_core.evaluate import join_predictions
 
     views, skipped, baseline = [], [], {}
     for label, entry in record.models.items():
@@ -245,7 +242,9 @@ def _load_views(record: RunRecord, dataset: Any) -> tuple[list[_ModelView], list
             skipped.append(label)
             continue
         evaluation = _one_run(_evaluation(entry.evaluation_uri), entry.predictions_uri)
-        rows = _join(entry.predictions_uri, dataset, str(evaluation.get("split") or "test"), required=True)
+        rows = join_predictions(
+            entry.predictions_uri, dataset, str(evaluation.get("split") or "test"), required=True
+        )
         if not views:
             baseline = _baseline(rows)
         views.append(_model_view(label, entry, evaluation, rows))

@@ -21,6 +21,8 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
+from acol_core.errors import UserError
+
 __all__ = [
     "StorageError",
     "check_reachable",
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A URI that cannot be used: bad form, unreachable endpoint, missing bucket, a failed read or write."""
 
 

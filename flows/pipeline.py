@@ -423,7 +423,7 @@ def _sweep_of(args: argparse.Namespace, preset: dict[str, Any]) -> dict[str, Any
 def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a preset locally (ephemeral Prefect API, in-process Ray); print the metrics table and the
     report's path. Known failures are one line on stderr: exit 2 for bad input, 1 for a failed stage."""
-    from acol_core.cli import _run_failures, _user_errors
+    from acol_core.errors import exit_code
 
     args = _parse_args(argv)
     # The stages log their own progress; Ray Data's bars (from every Train worker too) would bury it.
@@ -443,12 +443,12 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
             sweep=_sweep_of(args, preset),
             fullsup_per_class=preset.get("fullsup_per_class", 5),
         )
-    except _run_failures() as exc:
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise
         print(f"\npipeline: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except _user_errors() as exc:
-        print(f"\npipeline: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(code) from None
     record = read_run(run_uri)
     echo("")
     echo(summary_table(run_uri))

@@ -25,7 +25,7 @@ from acol_core.evaluate import evaluate_predictions
 from acol_core.export import export_model
 from acol_core.jobs.localize_job import localize_plain
 from acol_core.metrics import center_gaussian_baseline, pxap
-from acol_core.predictions import decode_mask, write_predictions
+from acol_core.predictions import decode_mask, quantize_cam, write_predictions
 from acol_core.report import COLUMNS, per_image_dice, pick_cases, read_summary, top_trials, write_report
 from acol_core.runs import (
     ModelEntry,
@@ -154,11 +154,13 @@ def test_table_shows_the_evaluation_numbers_and_the_baseline(run: str, page: Pat
                 value = value[key]
             assert summary[label][title] == value  # the evaluation JSON's number, not a recomputation
             assert cell == f"{value:.3f}", title
-    # The baseline, computed here independently: one centre Gaussian per test object row.
+    # The baseline, computed here independently: one centre Gaussian per test object row, stored as
+    # every CAM is (uint8).
     dataset = open_dataset(join(run, "data"))
     masks = [decode_mask(m) for m in dataset.read_table("test", ["mask"]).column("mask").to_pylist() if m]
     masks = [m for m in masks if (m == 1).any()]
-    expected = pxap([center_gaussian_baseline(1, *m.shape)[0] for m in masks], masks)
+    gaussians = [quantize_cam(center_gaussian_baseline(1, *m.shape)[0]) / np.float32(255) for m in masks]
+    expected = pxap(gaussians, masks)
     assert summary["centre-gaussian"]["PxAP"] == pytest.approx(expected, abs=1e-12)
     assert set(summary["centre-gaussian"]) >= {
         "PxAP",

@@ -24,6 +24,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from acol_core.errors import UserError
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ImageDecodeError",
@@ -42,7 +44,7 @@ _COLOR_TYPE_BY_CHANNELS = {1: 0, 2: 4, 3: 2, 4: 6}
 _CHANNELS_BY_COLOR_TYPE = {v: k for k, v in _COLOR_TYPE_BY_CHANNELS.items()}
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError, ValueError):
     """Image bytes that cannot be decoded: empty, corrupt, truncated, unsupported or too large."""
 
 

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import acol_core
 from acol_core import storage
 from acol_core.data.schema import SCHEMA, SCHEMA_VERSION, SPLITS, Record, Reject, record_to_row
+from acol_core.errors import UserError
 
 __all__ = [
     "MANIFEST_NAME",
@@ -69,7 +70,7 @@ _STATS_COLUMNS = ["image_id", "height", "width", "label", "split", "fullsup", "s
 UNLABELLED = "(unlabelled)"
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset folder that is incomplete, altered, or inconsistent."""
 
 

@@ -34,6 +34,7 @@ from acol_core import storage
 from acol_core.data.codec import decode_png, encode_png
 from acol_core.data.schema import SPLITS
 from acol_core.data.transforms import prepare_image, standardize
+from acol_core.errors import RunFailure, one_line
 from acol_core.export import ExportedInfo, load_exported, read_export_info
 from acol_core.localize import cam_to_mask, normalize_cam, predicted_boxes, resize_map
 from acol_core.predictions import (
@@ -70,7 +71,7 @@ ACTOR_RESTARTS = 3  # per actor; a lost batch is retried as often
 INPUT_COLUMNS = ["image_id", "image", "label", "subject_id", "slice_index"]
 
 
-class LocalizeError(RuntimeError):
+class LocalizeError(RunFailure, RuntimeError):
     """The Ray Data job failed (actors kept dying, a batch kept failing); nothing was committed."""
 
 
@@ -371,16 +372,6 @@ def _watch(staging: str, total: int, progress: Callable[[int, int], None], stop:
             reported = done
 
 
-def _first_line(exc: BaseException) -> str:
-    """Ray's errors carry tracebacks and reports: the failing call's own ``Type: message`` line."""
-    cause = getattr(exc, "cause", None)
-    error = cause if isinstance(cause, BaseException) else exc
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if any(line.startswith("Traceback") for line in lines):
-        return lines[-1][:400]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:400]
-
-
 def _gpus_per_actor(requested: float | None) -> float:
     import ray
 
@@ -515,7 +506,7 @@ def run_localize(
         storage.delete(staging)
         if isinstance(exc, ray.exceptions.RayError):
             raise LocalizeError(
-                f"localizing {data_uri} failed: {_first_line(exc)} (nothing was committed to {output_uri})"
+                f"localizing {data_uri} failed: {one_line(exc)} (nothing was committed to {output_uri})"
             ) from exc
         raise
     finally:

@@ -52,6 +52,7 @@ import numpy as np
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from acol_core.config import ConfigError, TrainConfig
+from acol_core.errors import one_line
 
 if TYPE_CHECKING:
     import optuna
@@ -731,7 +732,7 @@ def sweep_table(grid: Any, space: SweepSpace, sweep_uri: str, storage_uri: str) 
             "trial_name": os.path.basename(str(result.path)),
         }
         if result.error is not None:
-            row["status"], row["error"] = "error", _first_line(result.error)
+            row["status"], row["error"] = "error", one_line(result.error)
         else:
             row["status"], row["error"] = ("completed" if completion else "stopped"), None
         params = result.config or _trial_params(storage_uri, str(result.path))
@@ -811,13 +812,6 @@ def _float_or_none(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
-
-
-def _first_line(error: BaseException) -> str:
-    # Ray wraps the trial's exception; its last "Error:" line is the one a user needs.
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    causes = [line for line in lines if "Error:" in line or "Exception:" in line]
-    return (causes[-1] if causes else (lines[0] if lines else type(error).__name__))[:500]
 
 
 @dataclass

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from acol_core.config import ConfigError, TrainConfig
+from acol_core.errors import RunFailure, UserError, one_line
 from acol_core.jobs import parquet_reader_v1, ray_init
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "TrainRunResult",
     "TrainingError",
     "build_datasets",
-    "failure_reason",
     "load_checkpoint_state",
     "read_checkpoint_epochs",
     "run_training",
@@ -64,11 +64,11 @@ VAL_CACHE_BYTES = 256 * 2**20
 _CHECKPOINT_DIR = re.compile(r"^checkpoint_\d")  # Ray Train's names: checkpoint_<timestamp>
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A ``state.pt`` this code did not write (a pickle with objects in it) or a damaged one."""
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunFailure, RuntimeError):
     """The Ray Train run failed after its restarts (a worker kept dying, storage went away, ...).
 
     The run's registered checkpoints stay where they are: the same command resumes from the latest.
@@ -414,29 +414,10 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingError(
-            f"run {options.name!r} failed: {failure_reason(exc)} (its checkpoints are kept under "
+            f"run {options.name!r} failed: {one_line(exc)} (its checkpoints are kept under "
             f"{options.storage}: run the same command again to resume)"
         ) from exc
     return _summarize(result, options, storage_path, score if has_val else "epoch")
-
-
-def failure_reason(exc: BaseException) -> str:
-    """One line for a Ray Train failure: the first failing rank's (or the controller's) own error.
-
-    Ray's message is a multi-line report with tracebacks; the worker's exception keeps the original
-    one (wrapped, with its traceback as text) whose last line is ``Type: message``.
-    """
-    failures = sorted(getattr(exc, "worker_failures", {}).items())
-    controller = getattr(exc, "controller_failure", None)
-    where, error = failures[0] if failures else ("controller", controller) if controller else ("", exc)
-    error = getattr(error, "_base_exc", error)  # ray.train's UserExceptionWithTraceback
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if any(line.startswith("Traceback") for line in lines):
-        text = lines[-1]  # "OSError: ..." closes a formatted traceback
-    else:
-        text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    prefix = f"rank {where}: " if isinstance(where, int) else f"{where}: " if where else ""
-    return (prefix + text)[:400]
 
 
 def _summarize(result: Any, options: RunOptions, storage_path: str, score: str) -> TrainRunResult:

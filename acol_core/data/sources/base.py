@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from acol_core import storage
 from acol_core.data.schema import MASK_IGNORE, MASK_OBJECT, Record, Reject
+from acol_core.errors import UserError
 
 __all__ = [
     "DataSourceError",
@@ -33,11 +34,11 @@ __all__ = [
 ]
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(UserError, RuntimeError):
     """The whole input is unusable (missing root, nothing to read, bad options)."""
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """One input is unusable; its message becomes the Reject reason."""
 
 
