@@ -22,7 +22,42 @@ from acol_core.errors import exit_code
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+HELP = """Weakly supervised object localization (CAM, ACoL, co-attention): one verb per pipeline stage.
+
+Every URI may be a local path or s3:// (credentials and endpoint from the AWS_* environment).
+
+Typical order: prepare -> train (or tune) -> localize -> evaluate -> report; study runs models x seeds.
+
+Errors are one line on stderr and an exit code: 2 for input or settings that cannot be used, 1 for a run
+that started and failed (what it committed is kept; the same command resumes).
+"""
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=HELP,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"acol-flow {version('acol-flow')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Weakly supervised object localization, one verb per stage."""
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -153,7 +188,10 @@ def train(
     model: str | None = typer.Option(None, help="cam, acol, coatt or acol_coatt [default: config's, acol]"),
     backbone: str | None = typer.Option(None, help="tiny, vgg16 or resnet50 [default: config's, tiny]"),
     delta: float | None = typer.Option(None, help="ACoL erase threshold δ in (0, 1)"),
-    epochs: int | None = typer.Option(None, help="[default: config's]"),
+    epochs: int | None = typer.Option(None, help="[default: config's, 10]"),
+    lr: float | None = typer.Option(None, "--lr", help="learning rate [default: config's, 0.01]"),
+    image_size: int | None = typer.Option(None, help="square input size in pixels [default: config's, 128]"),
+    seed: int | None = typer.Option(None, help="initialisation and row order [default: config's, 0]"),
     workers: int = typer.Option(1, help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU)"),
     gpus_per_worker: float = typer.Option(0.0),
     cpus_per_worker: float = typer.Option(0.5, help="fractional: Ray Data's readers need CPUs too"),
@@ -172,7 +210,9 @@ def train(
     from acol_core.jobs.train_run import RunOptions, run_training
 
     values = load_config_file(config) if config else {}
-    given = {"model": model, "backbone": backbone, "epochs": epochs}
+    given = {
+        "model": model, "backbone": backbone, "epochs": epochs, "lr": lr, "image_size": image_size, "seed": seed,
+    }  # fmt: skip
     values.update({k: v for k, v in given.items() if v is not None})
     if delta is not None:
         values["model_options"] = {**values.get("model_options", {}), "delta": delta}

@@ -94,11 +94,16 @@ class TrainConfig:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML/JSON config file into a dict (validated later by ``TrainConfig.from_dict``)."""
+    """Read a YAML/JSON config file (a path or any URI, e.g. s3://) into a dict (validated later by
+    ``TrainConfig.from_dict``)."""
     import yaml
 
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+    from acol_core.storage import read_bytes
+
+    try:
+        data = yaml.safe_load(read_bytes(str(path)).decode()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
