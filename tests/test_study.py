@@ -139,6 +139,7 @@ def test_smoke_study_runs_resumes_and_writes_the_table(tmp_path: Path, local_ray
     paired = block["acol"]["paired_pxap"]
     assert paired["low"] <= paired["diff"] <= paired["high"]
     assert table.read_text() == (storage / "smoke" / "results.md").read_text()
+    assert json.loads(table.with_suffix(".json").read_text()) == results
     assert "| acol |" in table.read_text()
     # A second run finds every cell finished: nothing is trained again.
     model = storage / "smoke" / "tiny" / "cam" / "seed-0" / "model.safetensors"

@@ -92,7 +92,8 @@ def run_study(
 
     Args:
         parallel: cells trained at once (each its own Ray Train run; on a cluster they spread over it).
-        table: also write the Markdown table here (e.g. ``docs/results/<name>.md``).
+        table: also write the Markdown table here (e.g. ``docs/results/<name>.md``), and the results
+            JSON beside it (``docs/results/<name>.json``: what ``scripts/docs_tables.py`` renders).
     """
     from acol_core.jobs import ray_init
     from acol_core.storage import check_reachable
@@ -121,4 +122,6 @@ def run_study(
     write_bytes(join(root, "results.md"), markdown.encode())
     if table:
         write_bytes(table, markdown.encode())
+        stem = table[: -len(".md")] if table.endswith(".md") else table
+        write_bytes(stem + ".json", (json.dumps(results, indent=2) + "\n").encode())
     return results

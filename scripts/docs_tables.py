@@ -1,0 +1,85 @@
+"""Regenerate the README's tables from the JSON that commands wrote; never edit those tables by hand.
+
+    .venv/bin/python scripts/docs_tables.py           # rewrite the generated blocks in README.md
+    .venv/bin/python scripts/docs_tables.py --check   # exit 1 if README.md differs (the test suite runs this)
+
+Blocks (between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``):
+- ``results``: the demo study's table, from ``docs/results/demo.json`` (written by
+  ``acol study --config studies/demo.yaml --storage runs/studies --table docs/results/demo.md``);
+- ``skull``: the skull study's table, from ``docs/results/skull.json`` (``studies/skull.yaml``);
+- ``benchmarks``: ``make bench``'s table, from the newest quick-mode ``benchmarks/results/<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from acol_core.study import results_markdown  # noqa: E402
+from benchmarks.run import format_table  # noqa: E402
+
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
+
+
+def _study(name: str) -> str:
+    path = ROOT / "docs" / "results" / f"{name}.json"
+    if not path.exists():
+        return (
+            f"No results yet: run the command in `studies/{name}.yaml` (writes `{path.relative_to(ROOT)}`).\n"
+        )
+    text = results_markdown(json.loads(path.read_text()))
+    body = text.split("\n", 2)[2].lstrip("\n")  # drop the title line: the README section has its own
+    return body.replace(
+        "`acol study` from", f"`acol study` (`studies/{name}.yaml`) into `docs/results/{name}.json`, from"
+    )
+
+
+def _benchmarks() -> str:
+    quick = sorted(
+        p
+        for p in (ROOT / "benchmarks" / "results").glob("*.json")
+        if re.fullmatch(r"\d{4}-\d\d-\d\d", p.stem)
+    )
+    if not quick:
+        return "No benchmark results yet: `make bench`.\n"
+    report = json.loads(quick[-1].read_text())
+    return f"From `benchmarks/results/{quick[-1].name}`:\n\n```\n{format_table(report)}\n```\n"
+
+
+RENDER = {"results": lambda: _study("demo"), "skull": lambda: _study("skull"), "benchmarks": _benchmarks}
+
+
+def render(text: str) -> str:
+    def block(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in RENDER:
+            raise SystemExit(f"README.md: unknown generated block {name!r}")
+        return m.group(1) + RENDER[name]() + m.group(4)
+
+    return BLOCK.sub(block, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
+    args = parser.parse_args(argv)
+    current = README.read_text()
+    fresh = render(current)
+    if args.check:
+        if fresh != current:
+            print("README.md's generated tables are out of date: run python scripts/docs_tables.py")
+            return 1
+        return 0
+    README.write_text(fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
