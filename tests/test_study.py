@@ -127,7 +127,8 @@ def test_bad_study_file_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_smoke_study_runs_resumes_and_writes_the_table(tmp_path: Path, local_ray: Any) -> None:
     storage, table = tmp_path / "studies", tmp_path / "docs" / "smoke.md"
     args = ["study", "--config", str(ROOT / "studies" / "smoke.yaml"), "--storage", str(storage)]
-    result = CliRunner().invoke(app, [*args, "--table", str(table)])
+    # Two cells at a time, each driven from a Ray task.
+    result = CliRunner().invoke(app, [*args, "--table", str(table), "--parallel", "2"])
     assert result.exit_code == 0, result.output
     results = json.loads((storage / "smoke" / "results.json").read_text())
     block = results["presets"]["tiny"]["models"]

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from acol_core.errors import RunFailure, one_line
 from acol_core.storage import exists, join, read_bytes, write_bytes
 from acol_core.study import StudyCell, StudyConfig, aggregate, results_markdown
 
@@ -81,6 +81,33 @@ def _run_cell(config: StudyConfig, storage: str, cell: StudyCell, echo: Callable
     echo(f"[{cell.key}] done in {time.perf_counter() - started:.0f} s")
 
 
+def _run_cells_in_tasks(
+    config: StudyConfig, storage: str, cells: list[StudyCell], parallel: int, echo: Callable[[str], None]
+) -> None:
+    """At most ``parallel`` cells at once, each driven from a Ray task (a Ray Train run's driver may live in
+    a task, as under Tune): the cells' trainings then spread over the cluster. A failed cell fails the
+    study once the running ones finish; what finished stays committed."""
+    import ray
+
+    run = ray.remote(num_cpus=0, max_retries=0)(_run_cell)
+    pending: dict[Any, StudyCell] = {}
+    queue, errors = list(cells), []
+    while queue or pending:
+        while queue and len(pending) < parallel:
+            cell = queue.pop(0)
+            pending[run.remote(config, storage, cell, print)] = cell
+        done, _ = ray.wait(list(pending), num_returns=1)
+        cell = pending.pop(done[0])
+        try:
+            ray.get(done[0])
+            echo(f"[{cell.key}] finished")
+        except Exception as exc:  # noqa: BLE001 - reported below, after the running cells finish
+            errors.append(f"{cell.key}: {one_line(exc)}")
+            queue.clear()
+    if errors:
+        raise RunFailure(f"{len(errors)} study cell(s) failed: {'; '.join(errors)}")
+
+
 def run_study(
     config: StudyConfig,
     storage: str,
@@ -91,7 +118,8 @@ def run_study(
     """Run every unfinished cell, then write ``results.json`` and ``results.md`` (and ``table``, a copy).
 
     Args:
-        parallel: cells trained at once (each its own Ray Train run; on a cluster they spread over it).
+        parallel: cells trained at once; above 1 each cell is driven from a Ray task, so on a cluster the
+            cells spread over its nodes (storage must then be a URI every node reaches, e.g. s3://).
         table: also write the Markdown table here (e.g. ``docs/results/<name>.md``), and the results
             JSON beside it (``docs/results/<name>.json``: what ``scripts/docs_tables.py`` renders).
     """
@@ -112,9 +140,7 @@ def run_study(
         for cell in cells:
             _run_cell(config, storage, cell, echo)
     else:
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-            for future in [pool.submit(_run_cell, config, storage, c, echo) for c in cells]:
-                future.result()
+        _run_cells_in_tasks(config, storage, cells, parallel, echo)
     results = aggregate(config, storage)
     results["results_uri"] = join(root, "results.json")
     write_bytes(results["results_uri"], (json.dumps(results, indent=2) + "\n").encode())
