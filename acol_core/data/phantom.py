@@ -21,9 +21,11 @@ its default (0, or 0.5 for ``site_purity``) the standard phantom is drawn unchan
   ``site_purity``, as in the public 2-D tumour datasets assembled from a tumour archive and a separate
   source of normal scans. ``site_shift`` scales how much the sites differ: site A's post-contrast T1 is
   fat-suppressed (darker scalp fat and skull marrow), site B scans a population with thicker scalp and
-  skull on a scanner with a stronger bias field (3 T B1 inhomogeneity), less noise and a tighter field of
-  view (the head fills more of the image). Only the skull and scalp differ locally; the brain differs only
-  through the smooth bias field and noise, and the lesion is drawn the same at both sites.
+  skull on a scanner with a many-element receive coil whose sensitivity is highest next to the coil, so
+  the head's periphery (scalp, skull, outer cortex) is brighter than its centre when intensities are not
+  normalised; it also has a stronger bias field (3 T B1 inhomogeneity), less noise and a tighter field of
+  view (the head fills more of the image). The site differs most on the skull and scalp; the brain differs
+  through smooth gain fields and noise, and the lesion is drawn the same at both sites.
 - ``lesion_level_focus`` (0..1), **tumour slices from the lesion's levels**: 2-D datasets keep the slices
   that show the tumour, so a tumour subject's stack narrows onto its lesion (at 1 every level is in the
   lesion's central part).
@@ -239,6 +241,7 @@ class SubjectParams:
     lesion: LesionParams | None
     site: str = "A"
     zoom: float = 1.0  # field of view: > 1 draws the head larger in the image
+    coil_shading: float = 0.0  # log gain at the head's outline over its centre (receive-coil proximity)
     levels: tuple[float, ...] = ()  # slice level of each slice; empty: evenly over [0, 1]
 
 
@@ -352,7 +355,7 @@ def _site_tissue(tissue: TissueIntensities, site: str, shift: float) -> TissueIn
     """Site A's fat suppression darkens the fatty tissues: scalp fat and skull marrow."""
     if site == "B" or shift == 0:
         return tissue
-    keep = 1.0 - 0.55 * shift
+    keep = 1.0 - 0.7 * shift
     return dataclasses.replace(tissue, scalp=tissue.scalp * keep, marrow=tissue.marrow * keep)
 
 
@@ -402,7 +405,7 @@ def sample_subject(config: PhantomConfig, index: int) -> SubjectParams:
         head_angle=float(np.clip(rng.normal(0, 0.12), -0.3, 0.3)),
         head_center=(float(rng.uniform(-0.05, 0.05)), float(rng.uniform(-0.05, 0.05))),
         outline_harmonics=_harmonics(rng, range(2, 5), 0.02),
-        scalp_thickness=float(scalp * (1.0 + 0.5 * shift)),
+        scalp_thickness=float(scalp * (1.0 + 0.8 * shift)),
         skull_thickness=float(skull * (1.0 + 0.4 * shift)),
         csf_thickness=float(csf),
         cortex_thickness=float(rng.uniform(0.04, 0.06)),
@@ -415,11 +418,12 @@ def sample_subject(config: PhantomConfig, index: int) -> SubjectParams:
         texture_waves=_waves(rng, 6, 3.0, 9.0),
         fold_waves=_waves(rng, 5, 4.0, 10.0),
         sulcus_waves=_waves(rng, 4, 4.0, 9.0),
-        bias=tuple(float(c * (1.0 + 1.5 * shift)) for c in rng.normal(0, 0.1, 6)),
-        noise_scale=float(rng.uniform(0.75, 1.25) * (1.0 - 0.3 * shift)),
+        bias=tuple(float(c * (1.0 + 0.5 * shift)) for c in rng.normal(0, 0.1, 6)),
+        noise_scale=float(rng.uniform(0.75, 1.25) * (1.0 - 0.2 * shift)),
         lesion=_sample_lesion(rng, head_axes, scalp + skull + csf) if has_tumour else None,
         site=site,
-        zoom=1.0 + 0.1 * shift,
+        zoom=1.0 + 0.05 * shift,
+        coil_shading=0.8 * shift,
     )
     return dataclasses.replace(drawn, levels=slice_levels(config, not has_tumour, drawn.lesion))
 
@@ -721,6 +725,13 @@ def _acquire(
     return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def _coil_gain(sp: SubjectParams, frame: _Frame, z: float) -> np.ndarray:
+    """Receive-coil proximity: gain rising steeply towards the head's edge (radius 1 at the outline)."""
+    f = max(_head_scale(z), 0.05)
+    rho2 = (frame.u / (sp.head_axes[0] * f)) ** 2 + (frame.v / (sp.head_axes[1] * f)) ** 2
+    return np.exp(sp.coil_shading * np.minimum(rho2, 1.2) ** 4)
+
+
 def render_slice(
     subject: SubjectParams, slice_index: int, config: PhantomConfig, with_tumour: bool = True
 ) -> PhantomSlice:
@@ -749,6 +760,8 @@ def render_slice(
         if layers is not None and layers.mask.sum() >= scaled_min_tumour_pixels(config):
             img = _paint_lesion(img, subject.lesion, layers, subject.tissue.white, anatomy.texture)
             tumour = layers.mask
+    if subject.coil_shading:
+        img = img * _coil_gain(subject, frame, z)
     return PhantomSlice(
         image=_acquire(img, subject, slice_index, z, frame.coords, config.noise),
         label=int(tumour.any()),
