@@ -44,7 +44,7 @@ Examples:
     >>> len(slices), slices[0].image.shape, slices[0].subject_id
     (8, (64, 64), 'sub-0000')
     >>> phantom_config("skull-shortcut", num_subjects=4).site_purity
-    0.9
+    0.97
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ PHANTOM_PRESETS: dict[str, dict[str, float | int]] = {
     # Right for the wrong reason: the site's scalp and skull tell the class more easily than the lesion.
     "skull-shortcut": {
         "tumour_subject_fraction": 0.5,
-        "site_purity": 0.9,
+        "site_purity": 0.97,
         "site_shift": 1.0,
         "lesion_level_focus": 1.0,
         "healthy_level_bias": 1.0,
