@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from acol_core.data.phantom import (
     PHANTOM_CLASSES,
+    PHANTOM_PRESETS,
     PhantomConfig,
     PhantomSlice,
     generate_phantom,
+    phantom_config,
     render_slice,
     sample_subject,
     scaled_min_tumour_pixels,
+    slice_levels,
 )
 
 SMALL = PhantomConfig(num_subjects=4, slices_per_subject=6, size=64, seed=3)
@@ -218,3 +223,185 @@ def test_images_look_like_heads() -> None:
         s.image[s.brain_mask > 0], 90
     )
     assert 60 < np.median(s.image[s.brain_mask > 0]) < 200
+
+
+# ---------------------------------------------------------------- presets and failure mechanisms
+
+SHORTCUT = phantom_config("skull-shortcut", num_subjects=24, slices_per_subject=8, size=64, seed=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"site_purity": 0.4}, "site_purity must be in [0.5, 1]"),
+        ({"site_shift": 1.5}, "site_shift must be in [0, 1]"),
+        ({"stack_extent": -0.1}, "stack_extent must be in [0, 1]"),
+        ({"lesion_level_focus": 2.0}, "lesion_level_focus must be in [0, 1]"),
+        ({"healthy_level_bias": -1.0}, "healthy_level_bias must be in [0, 1]"),
+        ({"site_shift": "strong"}, "site_shift must be a number, got 'strong'"),
+        ({"size": 64.5}, "size must be an integer"),
+        ({"noise": True}, "noise must be a number"),
+    ],
+)
+def test_mechanism_options_reject_bad_values(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        PhantomConfig(**kwargs)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_presets_and_overrides() -> None:
+    assert set(PHANTOM_PRESETS) == {"standard", "imbalanced", "skull-shortcut"}
+    assert phantom_config() == PhantomConfig()
+    assert phantom_config("skull-shortcut", site_purity=0.7).site_purity == 0.7
+    assert phantom_config("imbalanced", size=32).size == 32
+    with pytest.raises(ValueError, match="unknown phantom preset 'skull'; choose from standard"):
+        phantom_config("skull")
+    with pytest.raises(ValueError, match="unknown phantom option"):
+        phantom_config("standard", site_strength=1.0)
+
+
+def test_source_takes_preset_and_reports_one_clear_error() -> None:
+    from acol_core.data.sources import DataSourceError, get_source, source_option_names
+
+    src = get_source("phantom", preset="skull-shortcut", num_subjects=2, slices_per_subject=2, size=32)
+    assert src.config.site_shift == 1.0 and src.describe()["preset"] == "skull-shortcut"
+    assert {"preset", "site_purity", "stack_extent"} <= source_option_names("phantom")
+    for bad in ({"preset": "nope"}, {"preset": "skull-shortcut", "site_shift": 3.0}):
+        with pytest.raises(DataSourceError, match="source 'phantom': ") as info:
+            get_source("phantom", **bad)
+        assert "\n" not in str(info.value)
+
+
+def _subjects(config: PhantomConfig) -> list:
+    return [sample_subject(config, i) for i in range(config.num_subjects)]
+
+
+@pytest.mark.parametrize(("purity", "low", "high"), [(0.9, 0.83, 0.96), (0.5, 0.38, 0.62)])
+def test_site_assignment_follows_the_class(purity: float, low: float, high: float) -> None:
+    config = PhantomConfig(num_subjects=300, size=32, tumour_subject_fraction=0.5, site_purity=purity)
+    subjects = _subjects(config)
+    tumour_b = np.mean([s.site == "B" for s in subjects if s.lesion is not None])
+    healthy_a = np.mean([s.site == "A" for s in subjects if s.lesion is None])
+    assert low <= tumour_b <= high and low <= healthy_a <= high
+    # The site has its own random stream: the subjects' anatomy does not depend on the purity.
+    other = sample_subject(dataclasses.replace(config, site_purity=0.5), 7)
+    assert other.head_axes == subjects[7].head_axes and other.lesion == subjects[7].lesion
+
+
+def test_sites_differ_on_scalp_and_skull_not_in_the_brain() -> None:
+    config = dataclasses.replace(SHORTCUT, num_subjects=40, noise=0.0, lesion_level_focus=0.0)
+    scalp: dict[str, list[float]] = {"A": [], "B": []}
+    brain: dict[str, list[float]] = {"A": [], "B": []}
+    skull_px: dict[str, list[float]] = {"A": [], "B": []}
+    for subject in _subjects(config):
+        assert subject.zoom == (1.05 if subject.site == "B" else 1.0)
+        s = render_slice(subject, 4, config, with_tumour=False)
+        anatomy, inside = s.anatomy_mask.astype(bool), s.brain_mask.astype(bool)
+        scalp[subject.site].append(np.percentile(s.image[anatomy], 90))
+        brain[subject.site].append(np.median(s.image[inside]))
+        skull_px[subject.site].append(anatomy.sum() / (anatomy.sum() + inside.sum()))
+    assert min(map(len, scalp.values())) >= 5
+    assert np.mean(scalp["B"]) > 1.6 * np.mean(scalp["A"])  # fat suppression at site A
+    assert abs(np.mean(brain["B"]) / np.mean(brain["A"]) - 1) < 0.15
+    assert np.mean(skull_px["B"]) > 1.15 * np.mean(skull_px["A"])  # thicker scalp and skull at site B
+
+
+def test_slice_levels_sampling_bias() -> None:
+    base = PhantomConfig(slices_per_subject=9)
+    assert slice_levels(base, True, None) == tuple(k / 8 for k in range(9))
+    lesion = sample_subject(PhantomConfig(tumour_subject_fraction=1.0), 0).lesion
+    assert lesion is not None
+    healthy = slice_levels(dataclasses.replace(base, healthy_level_bias=1.0), True, None)
+    # Healthy stacks reach further out and crowd towards both ends: more skull-dominated levels.
+    assert min(healthy) < -0.5 and max(healthy) > 1.2
+    assert np.mean([abs(z - 0.3) for z in healthy]) > 1.5 * np.mean([abs(z - 0.3) for z in base_levels(base)])
+    focused = slice_levels(dataclasses.replace(base, lesion_level_focus=1.0), False, lesion)
+    assert all(abs(z - lesion.z_center) <= 0.6 * lesion.z_half + 1e-9 for z in focused)
+
+
+def base_levels(config: PhantomConfig) -> tuple[float, ...]:
+    return slice_levels(config, True, None)
+
+
+def test_skull_shortcut_slices_skull_share_and_labels() -> None:
+    def skull_share(config: PhantomConfig) -> float:
+        subjects = {s.subject_id: s for s in _subjects(config)}
+        shares = [
+            s.anatomy_mask.sum() / max(1, s.anatomy_mask.sum() + s.brain_mask.sum())
+            for s in generate_phantom(config)
+            if subjects[s.subject_id].lesion is None
+        ]
+        return float(np.mean(shares))
+
+    # The level bias alone (no site shift) makes healthy slices more skull-dominated.
+    no_site = dataclasses.replace(SHORTCUT, site_shift=0.0)
+    assert skull_share(no_site) > 1.2 * skull_share(dataclasses.replace(no_site, healthy_level_bias=0.0))
+
+    slices = list(generate_phantom(SHORTCUT))
+    subjects = {s.subject_id: s for s in _subjects(SHORTCUT)}
+    tumour_subject = [s for s in slices if subjects[s.subject_id].lesion is not None]
+    # Tumour subjects' stacks sit on their lesion: nearly all their slices show it.
+    assert np.mean([s.label for s in tumour_subject]) >= 0.9
+    assert not any(s.label for s in slices if subjects[s.subject_id].lesion is None)
+
+
+@pytest.mark.parametrize("preset", ["skull-shortcut", "imbalanced"])
+def test_masks_consistent_under_every_mechanism(preset: str) -> None:
+    config = phantom_config(preset, num_subjects=10, slices_per_subject=10, size=64, noise=0.0, seed=1)
+    config = dataclasses.replace(config, stack_extent=1.0)
+    empty = 0
+    for s in generate_phantom(config):
+        anatomy, inside = s.anatomy_mask.astype(bool), s.brain_mask.astype(bool)
+        tumour = s.tumour_mask.astype(bool)
+        assert not (anatomy & inside).any() and not (tumour & ~inside).any()
+        head = anatomy | inside
+        # Air beyond one pixel of partial volume is black: the masks cover everything drawn.
+        grown = head.copy()
+        grown[1:] |= head[:-1]
+        grown[:-1] |= head[1:]
+        grown[:, 1:] |= grown[:, :-1]
+        grown[:, :-1] |= grown[:, 1:]
+        assert not s.image[~grown].any()
+        if not head.any():
+            empty += 1
+            assert s.label == 0
+    assert empty > 0  # the stack reaches past the head
+
+
+def test_lesion_is_the_only_difference_in_shortcut_tumour_slices() -> None:
+    tumour_subjects = [s for s in _subjects(SHORTCUT) if s.lesion is not None]
+    subject = tumour_subjects[0]
+    shown = 0
+    for k in range(SHORTCUT.slices_per_subject):
+        with_lesion = render_slice(subject, k, SHORTCUT)
+        without = render_slice(subject, k, SHORTCUT, with_tumour=False)
+        changed = with_lesion.image != without.image
+        assert not (changed & ~with_lesion.tumour_mask.astype(bool)).any()
+        shown += with_lesion.label
+        if with_lesion.label:
+            assert changed.sum() >= 0.5 * with_lesion.tumour_mask.sum()
+    assert shown >= SHORTCUT.slices_per_subject - 1
+
+
+def test_imbalanced_preset_class_share_and_empty_slices() -> None:
+    config = phantom_config("imbalanced")
+    slices = list(generate_phantom(config))
+    assert len(slices) == config.num_subjects * config.slices_per_subject
+    labels = np.array([s.label for s in slices])
+    assert 0.06 <= labels.mean() <= 0.11
+    head = np.array([(s.anatomy_mask.sum() + s.brain_mask.sum()) / s.image.size for s in slices])
+    assert (head < 0.1).mean() >= 0.15  # near-empty top and bottom slices
+    with_lesion = {s.subject_id for s in slices if s.label}
+    assert 0.2 <= len(with_lesion) / config.num_subjects <= 0.5
+    assert all(0 < labels[[s.subject_id == sid for s in slices]].mean() < 0.6 for sid in with_lesion)
+
+
+def test_mechanisms_deterministic_by_seed() -> None:
+    small = dataclasses.replace(SHORTCUT, num_subjects=4, stack_extent=0.5)
+    first, second = list(generate_phantom(small)), list(generate_phantom(small))
+    assert all(a.image.tobytes() == b.image.tobytes() for a, b in zip(first, second, strict=True))
+    assert all(
+        a.anatomy_mask.tobytes() == b.anatomy_mask.tobytes() for a, b in zip(first, second, strict=True)
+    )
+    other = list(generate_phantom(dataclasses.replace(small, seed=3)))
+    assert any(not np.array_equal(a.image, b.image) for a, b in zip(first, other, strict=True))

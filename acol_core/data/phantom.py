@@ -9,36 +9,74 @@ Geometry is drawn in normalised image coordinates (the image spans [-1, 1] on bo
 shrinks the cross-section and sets the ventricle size; a tumour subject carries one 3-D lesion (an
 ellipsoid with an irregular, twisting cross-section) over a contiguous range of its slices.
 
+Options beyond the standard phantom reproduce two failures seen on real data; each has a strength, and at
+its default (0, or 0.5 for ``site_purity``) the standard phantom is drawn unchanged, byte for byte:
+
+- ``stack_extent`` (0..1), **near-empty slices**: a volume prepared slice-wise covers the whole field of
+  view, so the stack reaches past the brain towards the vertex and the bottom of the head, where slices
+  hold little or no head. At 1 the outermost levels are air: with a low ``tumour_subject_fraction`` this
+  gives the class imbalance of a BraTS-style cohort (preset ``imbalanced``).
+- ``site_purity`` (0.5..1) and ``site_shift`` (0..1), **cohort / acquisition shift**: every subject is
+  scanned at site A or B; a tumour subject is from site B and a healthy one from site A with probability
+  ``site_purity``, as in the public 2-D tumour datasets assembled from a tumour archive and a separate
+  source of normal scans. ``site_shift`` scales how much the sites differ: site A's post-contrast T1 is
+  fat-suppressed (darker scalp fat and skull marrow), site B scans a population with thicker scalp and
+  skull on a scanner with a many-element receive coil whose sensitivity is highest next to the coil, so
+  the head's periphery (scalp, skull, outer cortex) is brighter than its centre when intensities are not
+  normalised; it also has a stronger bias field (3 T B1 inhomogeneity), less noise and a tighter field of
+  view (the head fills more of the image). The site differs most on the skull and scalp; the brain differs
+  through smooth gain fields and noise, and the lesion is drawn the same at both sites.
+- ``lesion_level_focus`` (0..1), **tumour slices from the lesion's levels**: 2-D datasets keep the slices
+  that show the tumour, so a tumour subject's stack narrows onto its lesion (at 1 every level is in the
+  lesion's central part).
+- ``healthy_level_bias`` (0..1), **healthy slices from skull-dominated levels**: normal scans are sampled
+  more often at high and low axial levels, where the skull and scalp make up much of the head section;
+  healthy subjects' stacks reach further out and crowd towards both ends.
+
+``PHANTOM_PRESETS`` names option sets (``standard``, ``imbalanced``, ``skull-shortcut``);
+``phantom_config(preset, **options)`` builds a config from one, explicit options winning. The
+``skull-shortcut`` preset sets the mechanisms and the class mix, no sizes, so it combines with any size.
+``anatomy_mask`` is always the scalp + skull actually drawn (thickness, zoom and level included).
+
 Examples:
     >>> cfg = PhantomConfig(num_subjects=2, slices_per_subject=4, size=64)
     >>> slices = list(generate_phantom(cfg))
     >>> len(slices), slices[0].image.shape, slices[0].subject_id
     (8, (64, 64), 'sub-0000')
+    >>> phantom_config("skull-shortcut", num_subjects=4).site_purity
+    0.97
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
 __all__ = [
     "PHANTOM_CLASSES",
+    "PHANTOM_PRESETS",
+    "SITES",
     "LesionParams",
     "PhantomConfig",
     "PhantomSlice",
     "SubjectParams",
     "TissueIntensities",
     "generate_phantom",
+    "phantom_config",
     "render_slice",
     "sample_subject",
     "scaled_min_tumour_pixels",
+    "slice_levels",
 ]
 
 PHANTOM_CLASSES: tuple[str, str] = ("healthy", "tumour")
+SITES: tuple[str, str] = ("A", "B")
 
 Harmonic = tuple[float, float, float]  # (order, relative amplitude, phase) of a radius perturbation
 Wave = tuple[float, float, float, float]  # (k_u, k_v, k_z, phase) of one plane wave of a smooth field
@@ -53,6 +91,7 @@ class PhantomConfig:
 
     ``min_tumour_pixels`` is given at size 128 and scales with ``(size / 128) ** 2``: a slice is "tumour"
     iff its lesion covers at least that many pixels, and a smaller lesion section is not drawn at all.
+    The last five options are the failure mechanisms of the module docstring.
     """
 
     num_subjects: int = 40
@@ -62,22 +101,80 @@ class PhantomConfig:
     min_tumour_pixels: int = 30
     noise: float = 0.03
     seed: int = 0
+    stack_extent: float = 0.0
+    site_purity: float = 0.5
+    site_shift: float = 0.0
+    lesion_level_focus: float = 0.0
+    healthy_level_bias: float = 0.0
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            wanted = (int,) if f.type == "int" else (int, float)
+            if isinstance(value, bool) or not isinstance(value, wanted):
+                kind = "an integer" if f.type == "int" else "a number"
+                raise ValueError(f"{f.name} must be {kind}, got {value!r}")
         if self.num_subjects < 0:
             raise ValueError(f"num_subjects must be >= 0, got {self.num_subjects}")
         if self.slices_per_subject < 1:
             raise ValueError(f"slices_per_subject must be >= 1, got {self.slices_per_subject}")
         if self.size < 32:
             raise ValueError(f"size must be >= 32, got {self.size}")
-        if not 0.0 <= self.tumour_subject_fraction <= 1.0:
-            raise ValueError(f"tumour_subject_fraction must be in [0, 1], got {self.tumour_subject_fraction}")
         if self.min_tumour_pixels < 1:
             raise ValueError(f"min_tumour_pixels must be >= 1, got {self.min_tumour_pixels}")
         if self.noise < 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        ranges = {
+            "tumour_subject_fraction": (0.0, 1.0),
+            "stack_extent": (0.0, 1.0),
+            "site_purity": (0.5, 1.0),
+            "site_shift": (0.0, 1.0),
+            "lesion_level_focus": (0.0, 1.0),
+            "healthy_level_bias": (0.0, 1.0),
+        }
+        for name, (low, high) in ranges.items():
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {getattr(self, name)}")
+
+
+# Named option sets; explicit options override them (``phantom_config``).
+PHANTOM_PRESETS: dict[str, dict[str, float | int]] = {
+    "standard": {},
+    # A BraTS-style cohort prepared slice-wise: lesions in about a quarter of the subjects and in part of their
+    # slices, the stack reaching past the head at both ends: 7-10 % tumour slices (tested).
+    "imbalanced": {
+        "num_subjects": 40,
+        "slices_per_subject": 24,
+        "size": 64,
+        "tumour_subject_fraction": 0.28,
+        "stack_extent": 1.0,
+    },
+    # Right for the wrong reason: the site's scalp and skull tell the class more easily than the lesion.
+    "skull-shortcut": {
+        "tumour_subject_fraction": 0.5,
+        "site_purity": 0.97,
+        "site_shift": 1.0,
+        "lesion_level_focus": 1.0,
+        "healthy_level_bias": 1.0,
+    },
+}
+
+
+def phantom_config(preset: str = "standard", **options: Any) -> PhantomConfig:
+    """The config of a named preset with ``options`` on top.
+
+    Raises:
+        ValueError: unknown preset, unknown option or a bad value.
+    """
+    if preset not in PHANTOM_PRESETS:
+        raise ValueError(f"unknown phantom preset {preset!r}; choose from {', '.join(PHANTOM_PRESETS)}")
+    known = {f.name for f in fields(PhantomConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown phantom option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return PhantomConfig(**{**PHANTOM_PRESETS[preset], **options})
 
 
 @dataclass(frozen=True)
@@ -142,6 +239,10 @@ class SubjectParams:
     bias: tuple[float, ...]  # coefficients of x, y, x^2, y^2, xy, z in the log bias field
     noise_scale: float
     lesion: LesionParams | None
+    site: str = "A"
+    zoom: float = 1.0  # field of view: > 1 draws the head larger in the image
+    coil_shading: float = 0.0  # log gain at the head's outline over its centre (receive-coil proximity)
+    levels: tuple[float, ...] = ()  # slice level of each slice; empty: evenly over [0, 1]
 
 
 @dataclass(frozen=True)
@@ -244,8 +345,47 @@ def _sample_lesion(rng: np.random.Generator, head_axes: tuple[float, float], dep
     )
 
 
+def _site(config: PhantomConfig, index: int, has_tumour: bool) -> str:
+    # Its own stream, so that the other draws (and the standard phantom) do not change with the site.
+    same = np.random.default_rng([config.seed, 2, index]).random() < config.site_purity
+    return ("B" if same else "A") if has_tumour else ("A" if same else "B")
+
+
+def _site_tissue(tissue: TissueIntensities, site: str, shift: float) -> TissueIntensities:
+    """Site A's fat suppression darkens the fatty tissues: scalp fat and skull marrow."""
+    if site == "B" or shift == 0:
+        return tissue
+    keep = 1.0 - 0.7 * shift
+    return dataclasses.replace(tissue, scalp=tissue.scalp * keep, marrow=tissue.marrow * keep)
+
+
+def slice_levels(config: PhantomConfig, healthy: bool, lesion: LesionParams | None) -> tuple[float, ...]:
+    """Slice levels of one subject's stack (0 lowest brain level, 1 highest; the head spans -0.75..1.35).
+
+    ``stack_extent`` widens every stack towards the head's ends, ``healthy_level_bias`` pushes a healthy
+    subject's levels further out and towards both ends, ``lesion_level_focus`` narrows a tumour subject's
+    stack onto the central part of its lesion.
+    """
+    n = config.slices_per_subject
+    e = config.stack_extent
+    low, high = -0.9 * e, 1.0 + 0.5 * e
+    # Position in the stack, 0..1; with every option at 0 the levels are exactly the standard k / (n - 1).
+    position = [_slice_level(k, n) for k in range(n)]
+    if healthy and config.healthy_level_bias > 0:
+        b = config.healthy_level_bias
+        low, high = min(low, -0.6 * b), max(high, 1.0 + 0.25 * b)
+        power = 1.0 / (1.0 + 2.0 * b)  # < 1: crowds the levels towards both ends
+        position = [0.5 + 0.5 * math.copysign(abs(2 * p - 1) ** power, 2 * p - 1) for p in position]
+    if lesion is not None and config.lesion_level_focus > 0:
+        f = config.lesion_level_focus
+        core_low = max(low, lesion.z_center - 0.6 * lesion.z_half)
+        core_high = min(high, lesion.z_center + 0.6 * lesion.z_half)
+        low, high = low + f * (core_low - low), high + f * (core_high - high)
+    return tuple(float(low + (high - low) * p) for p in position)
+
+
 def sample_subject(config: PhantomConfig, index: int) -> SubjectParams:
-    """Draw subject ``index``; it depends on the seed, the tumour fraction and ``index`` only."""
+    """Draw subject ``index``; it depends on the config and ``index`` only, not on the subject count."""
     if index < 0:
         raise ValueError(f"subject index must be >= 0, got {index}")
     rng = np.random.default_rng([config.seed, 0, index])
@@ -254,7 +394,10 @@ def sample_subject(config: PhantomConfig, index: int) -> SubjectParams:
     scalp, skull, csf = rng.uniform(0.03, 0.05), rng.uniform(0.06, 0.09), rng.uniform(0.015, 0.03)
     tissue = _sample_tissue(rng)
     has_tumour = _has_tumour(config, index)
-    return SubjectParams(
+    site = _site(config, index, has_tumour)
+    shift = config.site_shift if site == "B" else 0.0  # site B's departures from site A
+    # Keyword arguments are evaluated in order: the draws below keep the standard phantom's sequence.
+    drawn = SubjectParams(
         index=index,
         subject_id=f"sub-{index:04d}",
         noise_seed=int(rng.integers(2**63)),
@@ -262,8 +405,8 @@ def sample_subject(config: PhantomConfig, index: int) -> SubjectParams:
         head_angle=float(np.clip(rng.normal(0, 0.12), -0.3, 0.3)),
         head_center=(float(rng.uniform(-0.05, 0.05)), float(rng.uniform(-0.05, 0.05))),
         outline_harmonics=_harmonics(rng, range(2, 5), 0.02),
-        scalp_thickness=float(scalp),
-        skull_thickness=float(skull),
+        scalp_thickness=float(scalp * (1.0 + 0.8 * shift)),
+        skull_thickness=float(skull * (1.0 + 0.4 * shift)),
         csf_thickness=float(csf),
         cortex_thickness=float(rng.uniform(0.04, 0.06)),
         sulcus_depth=float(rng.uniform(0.05, 0.09)),
@@ -271,14 +414,18 @@ def sample_subject(config: PhantomConfig, index: int) -> SubjectParams:
         marrow_harmonics=_harmonics(rng, range(1, 5), 1.0),
         ventricle_scale=float(rng.uniform(0.7, 1.35)),
         ventricle_level=float(rng.uniform(0.4, 0.55)),
-        tissue=tissue,
+        tissue=_site_tissue(tissue, site, config.site_shift),
         texture_waves=_waves(rng, 6, 3.0, 9.0),
         fold_waves=_waves(rng, 5, 4.0, 10.0),
         sulcus_waves=_waves(rng, 4, 4.0, 9.0),
-        bias=tuple(float(c) for c in rng.normal(0, 0.1, 6)),
-        noise_scale=float(rng.uniform(0.75, 1.25)),
+        bias=tuple(float(c * (1.0 + 0.5 * shift)) for c in rng.normal(0, 0.1, 6)),
+        noise_scale=float(rng.uniform(0.75, 1.25) * (1.0 - 0.2 * shift)),
         lesion=_sample_lesion(rng, head_axes, scalp + skull + csf) if has_tumour else None,
+        site=site,
+        zoom=1.0 + 0.05 * shift,
+        coil_shading=0.8 * shift,
     )
+    return dataclasses.replace(drawn, levels=slice_levels(config, not has_tumour, drawn.lesion))
 
 
 # ---------------------------------------------------------------- geometry helpers
@@ -304,7 +451,7 @@ def _coords(size: int) -> np.ndarray:
 
 
 def _frame(sp: SubjectParams, size: int) -> _Frame:
-    c = _coords(size)
+    c = _coords(size) if sp.zoom == 1.0 else _coords(size) / np.float32(sp.zoom)
     cos_a, sin_a = math.cos(sp.head_angle), math.sin(sp.head_angle)
     dx, dy = c[None, :] - sp.head_center[0], c[:, None] - sp.head_center[1]
     u, v = cos_a * dx + sin_a * dy, -sin_a * dx + cos_a * dy
@@ -317,7 +464,7 @@ def _slice_level(slice_index: int, slices: int) -> float:
 
 def _head_scale(z: float) -> float:
     """Cross-section scale of the head at level z: widest a little below the middle of the stack."""
-    return math.sqrt(1.0 - ((z - 0.3) / 1.05) ** 2)
+    return math.sqrt(max(0.0, 1.0 - ((z - 0.3) / 1.05) ** 2))
 
 
 def _harmonic_sum(
@@ -484,6 +631,9 @@ def _deep_structures(
 
 def _render_anatomy(sp: SubjectParams, frame: _Frame, z: float, pw: float) -> _Anatomy:
     f = _head_scale(z)
+    if f == 0.0:  # past the vertex or below the head: air only
+        empty = np.zeros(frame.u.shape, dtype=bool)
+        return _Anatomy(np.zeros(frame.u.shape), empty, empty, empty, np.zeros(frame.u.shape))
     axes = (sp.head_axes[0] * f, sp.head_axes[1] * f)
     d, cos_t, sin_t = _signed_distance(frame.u, frame.v, (0.0, 0.0), axes, 0.0, sp.outline_harmonics)
     # At small sizes the layers stay at least about a pixel thick so that the skull is always visible.
@@ -575,6 +725,13 @@ def _acquire(
     return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def _coil_gain(sp: SubjectParams, frame: _Frame, z: float) -> np.ndarray:
+    """Receive-coil proximity: gain rising steeply towards the head's edge (radius 1 at the outline)."""
+    f = max(_head_scale(z), 0.05)
+    rho2 = (frame.u / (sp.head_axes[0] * f)) ** 2 + (frame.v / (sp.head_axes[1] * f)) ** 2
+    return np.exp(sp.coil_shading * np.minimum(rho2, 1.2) ** 4)
+
+
 def render_slice(
     subject: SubjectParams, slice_index: int, config: PhantomConfig, with_tumour: bool = True
 ) -> PhantomSlice:
@@ -589,8 +746,11 @@ def render_slice(
     if not 0 <= slice_index < config.slices_per_subject:
         raise ValueError(f"slice_index must be in [0, {config.slices_per_subject}), got {slice_index}")
     frame = _frame(subject, config.size)
-    pw = 2.0 / config.size
-    z = _slice_level(slice_index, config.slices_per_subject)
+    pw = 2.0 / config.size / subject.zoom  # one pixel in head units
+    levels = subject.levels or tuple(
+        _slice_level(k, config.slices_per_subject) for k in range(slice_index + 1)
+    )
+    z = levels[slice_index]
 
     anatomy = _render_anatomy(subject, frame, z, pw)
     img = anatomy.image
@@ -600,6 +760,8 @@ def render_slice(
         if layers is not None and layers.mask.sum() >= scaled_min_tumour_pixels(config):
             img = _paint_lesion(img, subject.lesion, layers, subject.tissue.white, anatomy.texture)
             tumour = layers.mask
+    if subject.coil_shading:
+        img = img * _coil_gain(subject, frame, z)
     return PhantomSlice(
         image=_acquire(img, subject, slice_index, z, frame.coords, config.noise),
         label=int(tumour.any()),

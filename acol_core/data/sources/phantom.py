@@ -1,5 +1,9 @@
 """The built-in MRI phantom as a source: one input per slice, ids ``phantom/sub-0000/z003``.
 
+Options are ``PhantomConfig``'s fields plus ``preset`` (a name of ``PHANTOM_PRESETS``: ``standard``,
+``imbalanced``, ``skull-shortcut``), e.g. ``acol prepare --source phantom -o preset=skull-shortcut``;
+explicit options override the preset's.
+
 Tumour slices carry the lesion as mask and one box per connected component; healthy slices an all-zero
 mask and no box. ``anatomy_mask`` is the scalp + skull, for the off-target metric.
 
@@ -21,6 +25,7 @@ from acol_core.data.phantom import (
     PHANTOM_CLASSES,
     PhantomConfig,
     SubjectParams,
+    phantom_config,
     render_slice,
     sample_subject,
 )
@@ -31,24 +36,25 @@ __all__ = ["PhantomSource"]
 
 
 class PhantomSource(SourceBase):
-    """Slices of ``acol_core.data.phantom``; options are ``PhantomConfig``'s fields."""
+    """Slices of ``acol_core.data.phantom``; options are ``PhantomConfig``'s fields and ``preset``."""
 
     name = "phantom"
     class_names = PHANTOM_CLASSES
 
-    def __init__(self, **config: Any) -> None:
-        self.config = PhantomConfig(**config)
+    def __init__(self, preset: str = "standard", **config: Any) -> None:
+        self.preset = preset
+        self.config = phantom_config(preset, **config)
         self._subject = lru_cache(maxsize=4)(self._sample)
 
     @staticmethod
     def option_names() -> list[str]:
-        return [f.name for f in dataclasses.fields(PhantomConfig)]
+        return ["preset", *(f.name for f in dataclasses.fields(PhantomConfig))]
 
     def _sample(self, index: int) -> SubjectParams:
         return sample_subject(self.config, index)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "config": dataclasses.asdict(self.config)}
+        return {**super().describe(), "preset": self.preset, "config": dataclasses.asdict(self.config)}
 
     def list_inputs(self) -> list[InputRef]:
         refs = []
