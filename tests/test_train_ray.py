@@ -24,6 +24,7 @@ from acol_core.cli import app
 from acol_core.config import TrainConfig
 from acol_core.data.prepare import prepare_dataset
 from acol_core.export import load_exported
+from acol_core.selection import select_epoch
 from acol_core.storage import join, list_dir, read_bytes, resolve
 
 ray = pytest.importorskip("ray")
@@ -151,10 +152,15 @@ def test_run_reports_every_epoch_and_exports_a_loadable_model(reference: TrainRu
     assert sorted(epochs.values()) == [0, 1]
     assert reference.latest_checkpoint_uri.endswith(max(epochs, key=epochs.get))
     assert reference.model_uri == join(reference.checkpoint_uri, MODEL_FILE)
-    # best by val_pxap: the reported metrics are that checkpoint's
+    # kept by the selection rule (8 val rows: too few per class, so the last epoch); the reported
+    # metrics are that checkpoint's, with balanced accuracy and per-class recall
     best_epoch = _state(reference.checkpoint_uri)["epoch"]
-    assert reference.metrics["epoch"] == best_epoch
-    assert reference.metrics["val_pxap"] == max(h["val_pxap"] for h in reference.history)
+    assert reference.metrics["epoch"] == best_epoch == reference.selection["epoch"]
+    assert best_epoch == select_epoch(reference.history).epoch == 1
+    assert "fewer than" in reference.selection["reason"]
+    for key in ("val_balanced_accuracy", "val_recall_0", "val_recall_1", "val_rows_0", "val_rows_1"):
+        assert key in reference.metrics, key
+    assert reference.class_balance["train_counts"] == [16, 16] and not reference.class_balance["applied"]
 
     model, info = load_exported(reference.model_uri)
     assert info.class_names == ["healthy", "tumour"] and info.extra["epoch"] == best_epoch
