@@ -19,6 +19,10 @@ about one misclassified row in 30 per class: epochs that classify about as well 
 localisation. On a val split with under 10 rows of a class, balanced accuracy moves by 0.1 per row, so
 neither number is worth selecting on and the fully trained last epoch is the honest choice.
 
+The sweep applies the same rule twice: within each trial to pick its epoch, then across trials
+(``best_within_margin`` over each trial's pick: the best localisation among trials that classify within
+the margin of the best trial), the latter only when val has enough rows of every class.
+
 Checkpoint retention (Ray keeps only a few checkpoints, ranked by one number reported with each) uses
 ``retention_score``: an epoch that is the rule's choice over the epochs so far ranks by its epoch, any
 other epoch below all of those. ``select_epoch(..., available=...)`` then picks among the checkpoints
@@ -46,6 +50,7 @@ __all__ = [
     "DEFAULT_MARGIN",
     "MIN_CLASS_ROWS",
     "Selection",
+    "best_within_margin",
     "retention_score",
     "select_epoch",
     "val_class_rows",
@@ -146,6 +151,35 @@ def select_epoch(
         index, row, _ = max(candidates, key=lambda c: (c[2], c[0]))
         reason = f"best val balanced accuracy (no {metric})"
     return Selection(_epoch(row, index), index, reason, best)
+
+
+def best_within_margin(
+    rows: Sequence[Mapping[str, Any]],
+    metric: str,
+    mode: str = "max",
+    margin: float = DEFAULT_MARGIN,
+    balanced_key: str = BALANCED_ACCURACY,
+) -> int | None:
+    """Index of the row with the best ``metric`` among those whose ``balanced_key`` is within ``margin``
+    of the best; rows without the balanced accuracy compete only when no row has one. Ties go to the
+    later row; None when no row has ``metric``.
+
+    Examples:
+        >>> best_within_margin([{"ba": 0.6, "m": 0.9}, {"ba": 0.95, "m": 0.5}], "m", balanced_key="ba")
+        1
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be max or min, got {mode!r}")
+    scored = [(i, _number(r.get(metric)), _number(r.get(balanced_key))) for i, r in enumerate(rows)]
+    scored = [(i, v, ba) for i, v, ba in scored if v is not None]
+    gated = [(i, v, ba) for i, v, ba in scored if ba is not None]
+    if gated:
+        best = max(ba for _, _, ba in gated)
+        scored = [(i, v, ba) for i, v, ba in gated if ba >= best - margin]
+    if not scored:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(scored, key=lambda c: (sign * c[1], c[0]))[0]
 
 
 def retention_score(

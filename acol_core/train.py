@@ -2,8 +2,14 @@
 
 Run alone (in-memory batches)::
 
+    from acol_core.balance import apply_class_balance
     from acol_core.train import fit
-    result = fit(TrainConfig(model="acol"), train_batches=lambda epoch: loader(epoch))
+    config, balance = apply_class_balance(TrainConfig(model="acol"), train_counts_per_class)
+    result = fit(config, train_batches=lambda epoch: loader(epoch))
+
+``fit`` weighs the loss by ``config.class_weights`` and nothing else: ``class_balance`` is resolved into
+those weights from the train split's counts before (``acol_core.balance``; ``run_training`` does it from
+the dataset manifest).
 
 Under Ray Train, ``acol_core.jobs.train_run`` passes batches streamed by Ray Data and a hook that
 reports metrics and checkpoints; nothing here imports Ray.

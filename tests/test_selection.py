@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from acol_core.selection import retention_score, select_epoch, val_class_rows
+from acol_core.selection import best_within_margin, retention_score, select_epoch, val_class_rows
 
 
 def _history(*epochs: tuple[float | None, float | None], rows: tuple[int, int] = (40, 20)) -> list[dict]:
@@ -82,3 +82,23 @@ def test_val_class_rows_reads_counts_only() -> None:
         0: 12,
         1: 3,
     }
+
+
+@pytest.mark.parametrize(
+    "rows, mode, expected",
+    [
+        # a trial that collapsed (balanced accuracy 0.5) loses to one that classifies, whatever its PxAP
+        ([{"ba": 0.5, "m": 0.9}, {"ba": 0.93, "m": 0.6}, {"ba": 0.95, "m": 0.5}], "max", 1),
+        # ties go to the later row
+        ([{"ba": 0.9, "m": 0.6}, {"ba": 0.9, "m": 0.6}], "max", 1),
+        ([{"ba": 0.9, "m": 0.6}, {"ba": 0.92, "m": 0.4}], "min", 1),
+        # without balanced accuracy on any row: the metric alone; with it on some, only those compete
+        ([{"m": 0.3}, {"m": 0.7}], "max", 1),
+        ([{"m": 0.9}, {"ba": 0.6, "m": 0.2}], "max", 1),
+        # rows without the metric never win; none with it: None
+        ([{"ba": 0.99}, {"ba": 0.9, "m": 0.1}], "max", 1),
+        ([{"ba": 0.9}], "max", None),
+    ],
+)
+def test_best_within_margin(rows, mode, expected) -> None:
+    assert best_within_margin(rows, "m", mode, balanced_key="ba") == expected

@@ -289,6 +289,16 @@ def test_best_epoch_follows_the_shared_selection_rule() -> None:
     ]
     assert _best_row(rows, space)["trial_id"] == "full"
     assert _best_row(rows[:1], space)["trial_id"] == "early"  # nothing settled: the best there is
+    # across trials too, classification gates localisation when val has enough rows of every class
+    rows = [
+        {"trial_id": "collapsed", "status": "completed", "best_val_pxap": 0.7, "best_settled": True,
+         "best_val_balanced_accuracy": 0.5, "val_min_class_rows": 30},
+        {"trial_id": "classifies", "status": "completed", "best_val_pxap": 0.5, "best_settled": True,
+         "best_val_balanced_accuracy": 0.9, "val_min_class_rows": 30},
+    ]  # fmt: skip
+    assert _best_row(rows, space)["trial_id"] == "classifies"
+    small = [{**r, "val_min_class_rows": 4} for r in rows]
+    assert _best_row(small, space)["trial_id"] == "collapsed"  # too few val rows: localisation alone
 
 
 @pytest.fixture()

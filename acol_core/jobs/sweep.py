@@ -52,6 +52,7 @@ import numpy as np
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from acol_core.config import ConfigError, TrainConfig
+from acol_core.selection import BALANCED_ACCURACY, MIN_CLASS_ROWS, best_within_margin, val_class_rows
 
 if TYPE_CHECKING:
     import optuna
@@ -750,6 +751,8 @@ def sweep_table(grid: Any, space: SweepSpace, sweep_uri: str, storage_uri: str) 
             row[key] = _float_or_none(last.get(key))
         best, settled = _best_epoch(history, space, _planned_epochs(space, params), storage_uri)
         row[f"best_{space.metric}"] = _float_or_none(best.get(space.metric)) if best else None
+        row["best_val_balanced_accuracy"] = _float_or_none(best.get(BALANCED_ACCURACY)) if best else None
+        row["val_min_class_rows"] = min(val_class_rows(best).values(), default=None) if best else None
         row["best_epoch"] = int(best["epoch"]) if best and "epoch" in best else None
         row["best_settled"] = settled
         row["model_uri"] = _model_uri(best, completion, storage_uri)
@@ -918,14 +921,18 @@ def write_sweep_outputs(
 
 
 def _best_row(rows: Sequence[Mapping[str, Any]], space: SweepSpace) -> Mapping[str, Any] | None:
-    """The trial with the best score, among those whose best epoch is settled when there are any."""
+    """The trial with the best score, among those whose best epoch is settled when there are any, and
+    (when val has enough rows of every class) whose val balanced accuracy is within the selection
+    margin of the best trial's (``acol_core.selection``)."""
     key = f"best_{space.metric}"
     scored = [r for r in rows if r.get(key) is not None and r["status"] != "error"]
     scored = [r for r in scored if r.get("best_settled")] or scored
     if not scored:
         return None
-    sign = 1.0 if space.mode == "max" else -1.0
-    return max(scored, key=lambda r: sign * r[key])
+    enough = all((r.get("val_min_class_rows") or 0) >= MIN_CLASS_ROWS for r in scored)
+    balanced_key = "best_val_balanced_accuracy" if enough else "-"
+    index = best_within_margin(scored, key, space.mode, balanced_key=balanced_key)
+    return scored[index] if index is not None else None
 
 
 def _write_table(rows: Sequence[Mapping[str, Any]], parquet_uri: str, csv_uri: str) -> None:
