@@ -266,6 +266,7 @@ def test_same_name_and_storage_resumes_with_more_epochs(reference: TrainRunResul
         (["--data", "{data}", "--model", "bogus"], "unknown model 'bogus'"),
         (["--data", "{data}", "--workers", "0"], "workers must be >= 1"),
         (["--data", "{data}", "--delta", "1.5"], "delta must be in (0, 1)"),
+        (["--data", "{data}", "--class-balance", "sampler"], "class_balance must be one of auto, weights"),
     ],
 )
 def test_train_command_fails_in_one_line_before_starting_ray(
