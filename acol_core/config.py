@@ -15,7 +15,9 @@ from typing import Any
 
 from acol_core.errors import UserError
 
-__all__ = ["ConfigError", "TrainConfig", "load_config_file"]
+__all__ = ["CLASS_BALANCE_MODES", "ConfigError", "TrainConfig", "load_config_file"]
+
+CLASS_BALANCE_MODES = ("auto", "weights", "none")
 
 
 class ConfigError(UserError, ValueError):
@@ -51,6 +53,11 @@ class TrainConfig:
     num_threads: int = 0
     checkpoint_every: int = 1
     val_step: float = 0.01
+    # Loss weights per class (see acol_core.balance): auto = on when the train split is imbalanced.
+    class_balance: str = "auto"
+    # The weights the loss uses (one per class); set from the train split's counts by
+    # balance.apply_class_balance, or given. None: unweighted.
+    class_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -65,6 +72,19 @@ class TrainConfig:
             raise ConfigError(f"lr_schedule must be cosine, step or constant, got {self.lr_schedule!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"amp must be auto, bf16 or off, got {self.amp!r}")
+        if self.class_balance not in CLASS_BALANCE_MODES:
+            raise ConfigError(
+                f"class_balance must be one of {', '.join(CLASS_BALANCE_MODES)}, got {self.class_balance!r}"
+            )
+        if self.class_weights is not None:
+            weights = [float(w) for w in self.class_weights]
+            if len(weights) != self.num_classes or not all(0 <= w < float("inf") for w in weights):
+                raise ConfigError(
+                    f"class_weights must be {self.num_classes} finite values >= 0, got {self.class_weights}"
+                )
+            if not any(weights):
+                raise ConfigError("class_weights must not all be 0")
+            self.class_weights = weights
         delta = self.model_options.get("delta")
         if delta is not None and not 0.0 < float(delta) < 1.0:
             raise ConfigError(f"delta must be in (0, 1), got {delta}")

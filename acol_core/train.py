@@ -2,8 +2,14 @@
 
 Run alone (in-memory batches)::
 
+    from acol_core.balance import apply_class_balance
     from acol_core.train import fit
-    result = fit(TrainConfig(model="acol"), train_batches=lambda epoch: loader(epoch))
+    config, balance = apply_class_balance(TrainConfig(model="acol"), train_counts_per_class)
+    result = fit(config, train_batches=lambda epoch: loader(epoch))
+
+``fit`` weighs the loss by ``config.class_weights`` and nothing else: ``class_balance`` is resolved into
+those weights from the train split's counts before (``acol_core.balance``; ``run_training`` does it from
+the dataset manifest).
 
 Under Ray Train, ``acol_core.jobs.train_run`` passes batches streamed by Ray Data and a hook that
 reports metrics and checkpoints; nothing here imports Ray.
@@ -36,6 +42,7 @@ __all__ = [
     "autocast",
     "build_model",
     "checkpoint_bytes",
+    "classification_metrics",
     "fit",
     "flush_denormals",
     "iterate_minibatches",
@@ -229,10 +236,14 @@ def train_epoch(
     batches: Iterable[Batch],
     device: torch.device,
     amp: str = "auto",
+    class_weights: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """One pass over ``batches``; returns mean loss, train accuracy, images, images/s and the wait for
-    the first batch (a streaming loader's start-up each epoch)."""
+    the first batch (a streaming loader's start-up each epoch). ``class_weights`` weigh the loss's rows
+    by class (``acol_core.balance``)."""
     model.train()
+    weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
+    weights = None if weights is None else weights.to(device)
     total_loss, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
     first_batch_s = 0.0
@@ -243,7 +254,7 @@ def train_epoch(
         labels = _to_tensor(batch["label"], device, torch.long)
         with autocast(device, amp):
             outputs = model(images, labels)
-            losses = unwrap(model).compute_loss(outputs, labels)
+            losses = unwrap(model).compute_loss(outputs, labels, class_weights=weights)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
@@ -290,6 +301,29 @@ def predict(
         for key, value in parts.items():
             out.setdefault(key, []).append(value)
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def classification_metrics(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Balanced accuracy, each class's recall and labelled rows (``recall_<k>``, ``rows_<k>``).
+
+    Balanced accuracy is the mean recall over the classes that have rows; unlabelled rows (-1) are left
+    out. On a set with 7 % tumour rows "always healthy" has accuracy 0.93 and balanced accuracy 0.5.
+
+    Examples:
+        >>> classification_metrics(np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1]), 2)["balanced_accuracy"]
+        0.75
+    """
+    pred, labels = np.asarray(pred).ravel(), np.asarray(labels).ravel()
+    out: dict[str, float] = {}
+    recalls = []
+    for k in range(num_classes):
+        rows = labels == k
+        out[f"rows_{k}"] = float(rows.sum())
+        if rows.any():
+            out[f"recall_{k}"] = float((pred[rows] == k).mean())
+            recalls.append(out[f"recall_{k}"])
+    out["balanced_accuracy"] = float(np.mean(recalls)) if recalls else 0.0
+    return out
 
 
 def localization_metrics(
@@ -346,7 +380,8 @@ def fit(
 
     Args:
         train_batches: epoch -> batches; the caller owns shuffling (seeded by epoch so reruns match).
-        val_batches: batches of validation rows; scored with ``localization_metrics`` on ``fullsup`` rows.
+        val_batches: batches of validation rows; localisation scored with ``localization_metrics`` on
+            ``fullsup`` rows, classification (``classification_metrics``) on all rows.
         hooks: called after each epoch (checkpointing, reporting).
         prepare: wraps the model after it is on its device (Ray's ``prepare_model`` for DDP).
     """
@@ -377,7 +412,9 @@ def fit(
     for epoch in range(start, config.epochs):
         torch.manual_seed(config.seed * 1000 + epoch)
         metrics: dict[str, float] = {"epoch": float(epoch), "lr": optimizer.param_groups[0]["lr"]}
-        metrics.update(train_epoch(model, optimizer, train_batches(epoch), device, config.amp))
+        metrics.update(
+            train_epoch(model, optimizer, train_batches(epoch), device, config.amp, config.class_weights)
+        )
         scheduler.step()
         if val_batches is not None:
             # The bare module: a DDP forward on rank 0 alone would wait for the other ranks' collectives.
@@ -386,6 +423,7 @@ def fit(
             val = localization_metrics(
                 pred, rows=fullsup if fullsup is not None else None, step=config.val_step
             )
+            val.update(classification_metrics(pred["pred"], pred["label"], config.num_classes))
             metrics.update({f"val_{k}": float(v) for k, v in val.items()})
 
         def state(epoch: int = epoch) -> dict:

@@ -265,23 +265,40 @@ def _rows(model_uri: str) -> list[dict]:
     ]
 
 
-def test_best_epoch_is_taken_from_the_second_half_of_the_plan() -> None:
-    """An early spike of the noisy val metric does not pick a barely trained model (the demo's sweep did)."""
+def test_best_epoch_follows_the_shared_selection_rule() -> None:
+    """An early spike of the noisy val metric does not pick a half-trained model (the demo's sweep did)."""
     from acol_core.jobs.sweep import _best_epoch, _best_row
 
     space = parse_space({**BASE, "fixed": {**TINY, "model": "acol", "epochs": 8},
                          "params": {"delta": {"type": "float", "low": 0.5, "high": 0.9}}})  # fmt: skip
-    history = [{"epoch": e, "val_pxap": v} for e, v in enumerate([0.2, 0.6, 0.3, 0.3, 0.4, 0.45, 0.3, 0.35])]
+    pxaps = [0.2, 0.6, 0.3, 0.3, 0.4, 0.45, 0.3, 0.35]
+    bal = [0.55, 0.70, 0.85, 0.90, 0.91, 0.93, 0.94, 0.92]
+    history = [
+        {"epoch": e, "val_pxap": p, "val_balanced_accuracy": b, "val_rows_0": 30, "val_rows_1": 30}
+        for e, (p, b) in enumerate(zip(pxaps, bal, strict=True))
+    ]
     best, settled = _best_epoch(history, space, 8)
-    assert (best["epoch"], best["val_pxap"], settled) == (5, 0.45, True)
+    assert (best["epoch"], best["val_pxap"], settled) == (5, 0.45, True)  # within 0.03 of 0.94, best PxAP
     best, settled = _best_epoch(history[:3], space, 8)  # stopped by ASHA after 3 epochs
-    assert (best["epoch"], settled) == (1, False)
+    assert (best["epoch"], settled) == (2, False)
+    small = [{**h, "val_rows_1": 4} for h in history]
+    assert _best_epoch(small, space, 8)[0]["epoch"] == 7  # too few val rows: the last epoch
     rows = [
         {"trial_id": "early", "status": "stopped", "best_val_pxap": 0.6, "best_settled": False},
         {"trial_id": "full", "status": "completed", "best_val_pxap": 0.45, "best_settled": True},
     ]
     assert _best_row(rows, space)["trial_id"] == "full"
     assert _best_row(rows[:1], space)["trial_id"] == "early"  # nothing settled: the best there is
+    # across trials too, classification gates localisation when val has enough rows of every class
+    rows = [
+        {"trial_id": "collapsed", "status": "completed", "best_val_pxap": 0.7, "best_settled": True,
+         "best_val_balanced_accuracy": 0.5, "val_min_class_rows": 30},
+        {"trial_id": "classifies", "status": "completed", "best_val_pxap": 0.5, "best_settled": True,
+         "best_val_balanced_accuracy": 0.9, "val_min_class_rows": 30},
+    ]  # fmt: skip
+    assert _best_row(rows, space)["trial_id"] == "classifies"
+    small = [{**r, "val_min_class_rows": 4} for r in rows]
+    assert _best_row(small, space)["trial_id"] == "collapsed"  # too few val rows: localisation alone
 
 
 @pytest.fixture()

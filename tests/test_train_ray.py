@@ -22,6 +22,7 @@ from acol_core.cli import app
 from acol_core.config import TrainConfig
 from acol_core.data.prepare import prepare_dataset
 from acol_core.export import load_exported
+from acol_core.selection import select_epoch
 from acol_core.storage import join, list_dir, read_bytes, resolve
 
 ray = pytest.importorskip("ray")
@@ -111,10 +112,18 @@ def test_run_reports_every_epoch_and_exports_a_loadable_model(reference: TrainRu
     assert sorted(epochs.values()) == [0, 1]
     assert reference.latest_checkpoint_uri.endswith(max(epochs, key=epochs.get))
     assert reference.model_uri == join(reference.checkpoint_uri, MODEL_FILE)
-    # best by val_pxap: the reported metrics are that checkpoint's
+    # kept by the selection rule (8 val rows: too few per class, so the last epoch); the reported
+    # metrics are that checkpoint's, with balanced accuracy and per-class recall
     best_epoch = _state(reference.checkpoint_uri)["epoch"]
-    assert reference.metrics["epoch"] == best_epoch
-    assert reference.metrics["val_pxap"] == max(h["val_pxap"] for h in reference.history)
+    assert reference.metrics["epoch"] == best_epoch == reference.selection["epoch"]
+    assert best_epoch == select_epoch(reference.history).epoch == 1
+    assert "fewer than" in reference.selection["reason"]
+    for key in ("val_balanced_accuracy", "val_recall_0", "val_recall_1", "val_rows_0", "val_rows_1"):
+        assert key in reference.metrics, key
+    counts = reference.class_balance["train_counts"]
+    assert sum(counts) == 32 and reference.class_balance["applied"] == (min(counts) / 32 < 0.35)
+    info = load_exported(reference.model_uri)[1]
+    assert info.extra["class_balance"] == reference.class_balance
 
     model, info = load_exported(reference.model_uri)
     assert info.class_names == ["healthy", "tumour"] and info.extra["epoch"] == best_epoch
@@ -217,6 +226,7 @@ def test_same_name_and_storage_resumes_with_more_epochs(reference: TrainRunResul
         (["--data", "{data}", "--model", "bogus"], "unknown model 'bogus'"),
         (["--data", "{data}", "--workers", "0"], "workers must be >= 1"),
         (["--data", "{data}", "--delta", "1.5"], "delta must be in (0, 1)"),
+        (["--data", "{data}", "--class-balance", "sampler"], "class_balance must be one of auto, weights"),
     ],
 )
 def test_train_command_fails_in_one_line_before_starting_ray(

@@ -53,6 +53,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from acol_core.config import ConfigError, TrainConfig
 from acol_core.errors import one_line
+from acol_core.selection import BALANCED_ACCURACY, MIN_CLASS_ROWS, best_within_margin, val_class_rows
 
 if TYPE_CHECKING:
     import optuna
@@ -87,7 +88,14 @@ _TOP_KEYS = {"metric", "mode", "params", "fixed", "asha", "description"}
 _ASHA_KEYS = {"grace_period", "reduction_factor"}
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 # Metrics kept in the sweep table and published as gauges (when a trial reports them).
-_TABLE_METRICS = ("val_pxap", "val_max_box_acc_v2", "val_accuracy", "val_off_target", "train_loss")
+_TABLE_METRICS = (
+    "val_pxap",
+    "val_max_box_acc_v2",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "val_off_target",
+    "train_loss",
+)
 _RESULTS_DIR = "results"
 _COMPLETED_DIR = "completed"
 _TRIALS_DIR = "trials"
@@ -742,8 +750,10 @@ def sweep_table(grid: Any, space: SweepSpace, sweep_uri: str, storage_uri: str) 
         last = history[-1] if history else {}
         for key in _TABLE_METRICS:
             row[key] = _float_or_none(last.get(key))
-        best, settled = _best_epoch(history, space, _planned_epochs(space, params))
+        best, settled = _best_epoch(history, space, _planned_epochs(space, params), storage_uri)
         row[f"best_{space.metric}"] = _float_or_none(best.get(space.metric)) if best else None
+        row["best_val_balanced_accuracy"] = _float_or_none(best.get(BALANCED_ACCURACY)) if best else None
+        row["val_min_class_rows"] = min(val_class_rows(best).values(), default=None) if best else None
         row["best_epoch"] = int(best["epoch"]) if best and "epoch" in best else None
         row["best_settled"] = settled
         row["model_uri"] = _model_uri(best, completion, storage_uri)
@@ -779,21 +789,40 @@ def _planned_epochs(space: SweepSpace, params: Mapping[str, Any]) -> int | None:
 
 
 def _best_epoch(
-    history: Sequence[Mapping[str, Any]], space: SweepSpace, planned_epochs: int | None
+    history: Sequence[Mapping[str, Any]],
+    space: SweepSpace,
+    planned_epochs: int | None,
+    storage_uri: str | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """The trial's best epoch and whether it is "settled": in the second half of the planned epochs.
+    """The trial's best epoch by training's rule (``acol_core.selection.select_epoch``: the best
+    ``space.metric`` among epochs within a margin of the best val balanced accuracy, or the last epoch
+    when val is too small) and whether the trial is "settled": it reached the second half of its plan
+    (ASHA stops most trials earlier; their pick stays in the table, but settled trials win the sweep).
 
-    Validation on a few dozen fullsup slices is noisy, and the best of every epoch tended to be an early,
-    barely trained one (the demo's sweep picked epoch 3 of 12: test accuracy 0.76). So the best is taken
-    from the epochs at or after half the plan when the trial reached them (ASHA stops most trials
-    earlier; their best of all epochs is kept for the table, unsettled).
+    With ``storage_uri``, only epochs whose checkpoint still exists are picked (the run keeps a few).
     """
-    sign = 1.0 if space.mode == "max" else -1.0
-    scored = [h for h in history if _float_or_none(h.get(space.metric)) is not None]
-    late = [h for h in scored if planned_epochs and float(h.get("epoch", -1)) >= planned_epochs // 2]
-    pool = late or scored
-    best = dict(max(pool, key=lambda h: sign * float(h[space.metric]))) if pool else {}
-    return best, bool(late)
+    from acol_core.selection import select_epoch
+
+    epochs = [_float_or_none(h.get("epoch")) for h in history]
+    available = None
+    if storage_uri is not None and any(h.get("checkpoint_path") for h in history):
+        available = {
+            int(e)
+            for h, e in zip(history, epochs, strict=True)
+            if e is not None and _has_model(h, storage_uri)
+        }
+    chosen = select_epoch(history, metric=space.metric, mode=space.mode, available=available)
+    best = dict(history[chosen.index]) if chosen.index is not None else {}
+    settled = bool(planned_epochs) and any(e is not None and e >= planned_epochs // 2 for e in epochs)
+    return best, settled
+
+
+def _has_model(row: Mapping[str, Any], storage_uri: str) -> bool:
+    from acol_core.jobs.train_run import MODEL_FILE
+    from acol_core.storage import exists, join
+
+    checkpoint = _checkpoint_uri(storage_uri, row.get("checkpoint_path"))
+    return bool(checkpoint) and exists(join(checkpoint, MODEL_FILE))
 
 
 def _model_uri(best: Mapping[str, Any], completion: Mapping[str, Any] | None, storage_uri: str) -> str | None:
@@ -886,14 +915,18 @@ def write_sweep_outputs(
 
 
 def _best_row(rows: Sequence[Mapping[str, Any]], space: SweepSpace) -> Mapping[str, Any] | None:
-    """The trial with the best score, among those whose best epoch is settled when there are any."""
+    """The trial with the best score, among those whose best epoch is settled when there are any, and
+    (when val has enough rows of every class) whose val balanced accuracy is within the selection
+    margin of the best trial's (``acol_core.selection``)."""
     key = f"best_{space.metric}"
     scored = [r for r in rows if r.get(key) is not None and r["status"] != "error"]
     scored = [r for r in scored if r.get("best_settled")] or scored
     if not scored:
         return None
-    sign = 1.0 if space.mode == "max" else -1.0
-    return max(scored, key=lambda r: sign * r[key])
+    enough = all((r.get("val_min_class_rows") or 0) >= MIN_CLASS_ROWS for r in scored)
+    balanced_key = "best_val_balanced_accuracy" if enough else "-"
+    index = best_within_margin(scored, key, space.mode, balanced_key=balanced_key)
+    return scored[index] if index is not None else None
 
 
 def _write_table(rows: Sequence[Mapping[str, Any]], parquet_uri: str, csv_uri: str) -> None:

@@ -15,6 +15,11 @@ rank 0 scores the ``val`` rows and reports a checkpoint: ``state.pt`` (model, op
 epoch: what resuming needs), ``model.safetensors`` (the self-describing export ``localize`` loads) and
 ``history.json`` (the metrics of every epoch so far). A run with the same name and storage resumes
 from its latest checkpoint; ``max_failures`` restarts the worker group after a worker dies.
+
+The loss is class-balanced when the train split is imbalanced (``acol_core.balance``; the decision is in
+the result and the export's metadata), and the checkpoint kept as best is the one
+``acol_core.selection.select_epoch`` picks: the best val localisation among the epochs that classify
+(val balanced accuracy) within a margin of the best, or the last epoch when val is too small.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from acol_core.jobs import parquet_reader_v1, ray_init
 __all__ = [
     "HISTORY_FILE",
     "MODEL_FILE",
+    "RETENTION_METRIC",
     "STATE_FILE",
     "CheckpointError",
     "RunOptions",
@@ -54,6 +60,8 @@ __all__ = [
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.safetensors"
 HISTORY_FILE = "history.json"
+# Ray keeps checkpoints ranked by this reported number (selection.retention_score), not by a raw metric.
+RETENTION_METRIC = "retention_score"
 _COLUMNS = ["image", "label", "mask", "anatomy_mask", "fullsup"]
 _VAL_BATCH = 64
 _FAULT_DELAY_S = 3.0
@@ -80,10 +88,10 @@ class RunOptions:
     """Where and how a training run executes (everything but the model/optimiser config).
 
     Args:
-        keep_checkpoints: how many checkpoints to keep, best by ``score_metric`` (the latest is
-            always kept too, for resuming); None keeps all.
-        score_metric: metric that ranks checkpoints; None: ``val_pxap`` when the dataset has
-            ``fullsup`` rows, else ``val_accuracy``.
+        keep_checkpoints: how many checkpoints to keep, the selection rule's latest choices (the
+            latest checkpoint is always kept too, for resuming); None keeps all.
+        score_metric: the localisation metric of the selection rule (``acol_core.selection``); None:
+            ``val_pxap`` when the dataset has ``fullsup`` rows, else ``val_balanced_accuracy``.
         deterministic: the same rows in the same order on the same worker every run (Ray Data keeps
             block order; costs some throughput). With ``augment=False`` two runs with one seed then give
             the same weights, resumed or not.
@@ -115,11 +123,13 @@ class TrainRunResult:
     """Where a finished run's outputs are (URIs on the run's storage) and its metrics."""
 
     run_uri: str
-    checkpoint_uri: str | None  # the best checkpoint by the score metric
+    checkpoint_uri: str | None  # the checkpoint the selection rule keeps
     model_uri: str | None  # model.safetensors inside it
     latest_checkpoint_uri: str | None
-    metrics: dict[str, Any]  # the best checkpoint's metrics
+    metrics: dict[str, Any]  # the kept checkpoint's metrics
     history: list[dict[str, float]]  # every epoch's metrics, from the latest checkpoint
+    selection: dict[str, Any] = field(default_factory=dict)  # selection.Selection.to_dict()
+    class_balance: dict[str, Any] = field(default_factory=dict)  # balance.ClassBalance.to_dict()
 
 
 # --------------------------------------------------------------------------- data
@@ -226,13 +236,24 @@ def _inject_fault(batches: Iterable[dict], fault: dict[str, Any]) -> Iterator[di
 
 
 def _write_checkpoint(
-    folder: Path, state: dict, config: TrainConfig, class_names: list[str], history: list[dict[str, float]]
+    folder: Path,
+    state: dict,
+    config: TrainConfig,
+    class_names: list[str],
+    history: list[dict[str, float]],
+    class_balance: dict[str, Any] | None = None,
 ) -> None:
     from acol_core.export import export_bytes
     from acol_core.train import checkpoint_bytes
 
     (folder / STATE_FILE).write_bytes(checkpoint_bytes(state))
-    model_bytes = export_bytes(_StateModule(state["model"]), config, class_names, epoch=int(state["epoch"]))
+    model_bytes = export_bytes(
+        _StateModule(state["model"]),
+        config,
+        class_names,
+        epoch=int(state["epoch"]),
+        class_balance=class_balance or {},
+    )
     (folder / MODEL_FILE).write_bytes(model_bytes)
     (folder / HISTORY_FILE).write_text(json.dumps(history, indent=1))
 
@@ -242,6 +263,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from acol_core.selection import retention_score
     from acol_core.train import EpochPrefetcher, fit
 
     config = TrainConfig.from_dict(loop_config["train"])
@@ -305,8 +327,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank != 0 or not due:
             ray.train.report(metrics, checkpoint=None)
             return
+        metrics = {**metrics, RETENTION_METRIC: retention_score(history, loop_config["score_metric"])}
         with tempfile.TemporaryDirectory() as folder:
-            _write_checkpoint(Path(folder), state(), config, class_names, history)
+            _write_checkpoint(
+                Path(folder), state(), config, class_names, history, loop_config.get("class_balance")
+            )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     fit(
@@ -362,7 +387,9 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from acol_core.balance import apply_class_balance
     from acol_core.data.shards import read_manifest
+    from acol_core.selection import BALANCED_ACCURACY
     from acol_core.storage import resolve
 
     _check_inputs(config, options)
@@ -370,11 +397,12 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
     if not manifest.split_counts.get("train"):
         raise ValueError(f"{options.data}: the dataset has no 'train' rows")
     if len(manifest.class_names) != config.num_classes:
-        config = config.replace(num_classes=len(manifest.class_names))
+        config = config.replace(num_classes=len(manifest.class_names), class_weights=None)
+    config, balance = apply_class_balance(config, _train_class_counts(options.data, manifest))
     ray_init()
     datasets = build_datasets(options.data, config, options.deterministic)
     has_val = "val" in datasets
-    score = options.score_metric or ("val_pxap" if manifest.counts.get("fullsup") else "val_accuracy")
+    score = options.score_metric or ("val_pxap" if manifest.counts.get("fullsup") else BALANCED_ACCURACY)
     fs, storage_path = resolve(options.storage)
     use_gpu = options.gpus_per_worker > 0
     resources = {"CPU": options.cpus_per_worker} | ({"GPU": options.gpus_per_worker} if use_gpu else {})
@@ -384,6 +412,8 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
         "class_names": list(manifest.class_names),
         "has_val": has_val,
         "val_rows": manifest.split_counts.get("val", 0),
+        "score_metric": score,
+        "class_balance": balance.to_dict(),
     }
     if options.fault_injection:
         loop_config["_fault"] = dict(options.fault_injection)
@@ -400,7 +430,7 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
             storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=options.keep_checkpoints,
-                checkpoint_score_attribute=score if has_val else "epoch",
+                checkpoint_score_attribute=RETENTION_METRIC,
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
@@ -417,22 +447,26 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
             f"run {options.name!r} failed: {one_line(exc)} (its checkpoints are kept under "
             f"{options.storage}: run the same command again to resume)"
         ) from exc
-    return _summarize(result, options, storage_path, score if has_val else "epoch")
+    summary = _summarize(result, options, storage_path, score)
+    summary.class_balance = balance.to_dict()
+    return summary
 
 
 def _summarize(result: Any, options: RunOptions, storage_path: str, score: str) -> TrainRunResult:
+    from acol_core.selection import select_epoch
     from acol_core.storage import join
 
     def uri(checkpoint: Any) -> str | None:
         return _checkpoint_uri(options.storage, storage_path, checkpoint.path) if checkpoint else None
 
-    ranked = [(c, m) for c, m in (result.best_checkpoints or [])]
-    best, best_metrics = max(ranked, key=lambda cm: _score(cm[1], score)) if ranked else (None, {})
     history: list[dict[str, float]] = []
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as folder:
             path = Path(folder) / HISTORY_FILE
             history = json.loads(path.read_text()) if path.exists() else []
+    kept = {int(m.get("epoch", -1)): (c, m) for c, m in (result.best_checkpoints or [])}
+    selection = select_epoch(history, metric=score, available=kept)
+    best, best_metrics = kept.get(selection.epoch, (None, {})) if selection.epoch is not None else (None, {})
     best_uri = uri(best)
     return TrainRunResult(
         run_uri=join(options.storage, options.name),
@@ -441,14 +475,21 @@ def _summarize(result: Any, options: RunOptions, storage_path: str, score: str) 
         latest_checkpoint_uri=uri(result.checkpoint),
         metrics=dict(best_metrics),
         history=history,
+        selection=selection.to_dict(),
     )
 
 
-def _score(metrics: dict[str, Any], key: str) -> tuple[float, float]:
-    value = metrics.get(key)
-    valid = isinstance(value, (int, float)) and value == value  # NaN != NaN
-    # Ties (and runs without the metric) go to the later epoch.
-    return (float(value) if valid else float("-inf"), float(metrics.get("epoch", 0.0)))
+def _train_class_counts(data_uri: str, manifest: Any) -> list[int]:
+    """Train rows per class: the manifest's counts, else (an older manifest) the train labels, read once."""
+    from acol_core.balance import train_class_counts
+    from acol_core.data.shards import open_dataset
+
+    counts = train_class_counts(manifest.counts.get("split_class", {}), manifest.class_names)
+    if sum(counts) == manifest.split_counts.get("train", 0):
+        return counts
+    labels = open_dataset(data_uri, verify=False).read_table("train", columns=["label"])["label"]
+    values = np.asarray(labels.to_numpy(zero_copy_only=False))
+    return [int((values == k).sum()) for k in range(len(manifest.class_names))]
 
 
 def _checkpoint_uri(storage_uri: str, storage_path: str, checkpoint_path: str) -> str:

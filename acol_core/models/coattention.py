@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from .backbones import Backbone
 from .erase import check_delta, check_fusion, erase_features, fuse_maps, normalize_maps, select_class_maps
-from .heads import ClassMapHead, WsolModel, gap, head_size
+from .heads import ClassMapHead, WsolModel, gap, head_size, row_weights, weighted_mean
 from .registry import register_model
 
 __all__ = [
@@ -162,11 +162,21 @@ def pair_targets(targets: Tensor, partners: Tensor) -> tuple[Tensor, Tensor]:
     return targets * other, targets * (1.0 - other)
 
 
-def masked_soft_margin(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    """Multi-label soft margin averaged over the samples where `mask`; 0 (still on the graph) if none."""
+def masked_soft_margin(
+    logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor | None = None
+) -> Tensor:
+    """Multi-label soft margin averaged over the samples where `mask` (weighted by `weights` when given);
+    0 (still on the graph) if none."""
     per_sample = F.multilabel_soft_margin_loss(logits.float(), targets.float(), reduction="none")
-    weights = mask.to(per_sample.dtype)
+    weights = mask.to(per_sample.dtype) * (1.0 if weights is None else weights.to(per_sample.dtype))
     return (per_sample * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def _soft_margin(logits: Tensor, targets: Tensor, weights: Tensor | None) -> Tensor:
+    """Multi-label soft margin over the batch: the plain mean, or weighted by row."""
+    if weights is None:
+        return F.multilabel_soft_margin_loss(logits.float(), targets)
+    return weighted_mean(F.multilabel_soft_margin_loss(logits.float(), targets, reduction="none"), weights)
 
 
 # ---------------------------------------------------------------- co-attention (pure)
@@ -385,7 +395,9 @@ class CoattModel(WsolModel):
             "partners": partners,
         }
 
-    def _loss_parts(self, outputs: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
+    def _loss_parts(
+        self, outputs: dict[str, Any], labels: Tensor, weights: Tensor | None = None
+    ) -> dict[str, Tensor]:
         logits = dict(zip(self.branch_names, outputs["branch_logits"], strict=True))
         targets = self.targets(labels).to(logits["common"].device)
         partners = outputs["partners"].to(targets.device)
@@ -394,14 +406,17 @@ class CoattModel(WsolModel):
         paired = partners != torch.arange(len(partners), device=partners.device)
         single = self.branch_names[0]
         return {
-            f"sm_{single}": F.multilabel_soft_margin_loss(logits[single].float(), targets),
-            "sm_common": masked_soft_margin(logits["common"], common, paired),
-            "sm_contrast": masked_soft_margin(logits["contrast"], contrast, paired),
+            f"sm_{single}": _soft_margin(logits[single], targets, weights),
+            "sm_common": masked_soft_margin(logits["common"], common, paired, weights),
+            "sm_contrast": masked_soft_margin(logits["contrast"], contrast, paired, weights),
         }
 
-    def compute_loss(self, outputs: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
-        """{"loss": Σ weight × part, <loss_names>: each unweighted part}."""
-        parts = self._loss_parts(outputs, labels)
+    def compute_loss(
+        self, outputs: dict[str, Any], labels: Tensor, class_weights: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """{"loss": Σ weight × part, <loss_names>: each part}; `class_weights` (C,) weigh each row of
+        every part by its class (a pair term by its anchor row's class)."""
+        parts = self._loss_parts(outputs, labels, row_weights(labels, class_weights))
         total = torch.stack([self.loss_weights[name] * value for name, value in parts.items()]).sum()
         return {"loss": total, **parts}
 
@@ -457,12 +472,12 @@ class AcolCoattModel(CoattModel):
             "partners": partners,
         }
 
-    def _loss_parts(self, outputs: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
-        parts = super()._loss_parts(outputs, labels)
+    def _loss_parts(
+        self, outputs: dict[str, Any], labels: Tensor, weights: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        parts = super()._loss_parts(outputs, labels, weights)
         logits_b = outputs["branch_logits"][self.branch_names.index("b")]
-        parts["sm_b"] = F.multilabel_soft_margin_loss(
-            logits_b.float(), self.targets(labels).to(logits_b.device)
-        )
+        parts["sm_b"] = _soft_margin(logits_b, self.targets(labels).to(logits_b.device), weights)
         return parts
 
 

@@ -40,6 +40,8 @@ __all__ = [
     "gap",
     "head_size",
     "multi_hot_targets",
+    "row_weights",
+    "weighted_mean",
 ]
 
 
@@ -92,6 +94,26 @@ def multi_hot_targets(labels: Tensor, num_classes: int, anatomy: bool = False) -
     return targets
 
 
+def row_weights(labels: Tensor, class_weights: Tensor | None) -> Tensor | None:
+    """Each row's loss weight, its class's entry of `class_weights` (None: unweighted).
+
+    Examples:
+        >>> row_weights(torch.tensor([1, 0, 1]), torch.tensor([0.5, 2.0]))
+        tensor([2.0000, 0.5000, 2.0000])
+    """
+    if class_weights is None:
+        return None
+    return class_weights.to(labels.device, torch.float32)[labels.long()]
+
+
+def weighted_mean(per_row: Tensor, weights: Tensor | None) -> Tensor:
+    """Σ w·loss / Σ w over the batch (`cross_entropy(weight=...)`'s reduction); the plain mean without weights."""
+    per_row = per_row.float()
+    if weights is None:
+        return per_row.mean()
+    return (per_row * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
 class WsolModel(nn.Module):
     """Base class of every registered model: `backbone` + heads.
 
@@ -104,8 +126,9 @@ class WsolModel(nn.Module):
             "cam": N×h×w fused map in [0, 1] (min-max per image, no gradient) for the target class:
                 `labels` when given, else the argmax of "logits".
             Subclasses may add keys and keyword inputs (e.g. an image pairing) but keep these.
-        compute_loss(outputs, labels) -> dict with "loss" (the total, a scalar) plus the parts named in
-            `loss_names`.
+        compute_loss(outputs, labels, class_weights=None) -> dict with "loss" (the total, a scalar) plus
+            the parts named in `loss_names`; `class_weights` (C,) weigh every term's rows by their class
+            (`row_weights`, `weighted_mean`).
         param_groups(lr, head_lr_mult) -> optimiser groups: backbone at `lr`, everything else at
             `head_lr_mult` × `lr` (ACoL fine-tunes with 10; `TrainConfig` uses 1 from scratch).
 
@@ -146,17 +169,34 @@ class WsolModel(nn.Module):
         """The real classes' logits: drops the anatomy channel."""
         return logits[:, : self.num_classes]
 
-    def compute_loss(self, outputs: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
-        """Cross-entropy on every branch, or multi-label soft margin on [one-hot, 1] with shared anatomy.
+    def compute_loss(
+        self, outputs: dict[str, Any], labels: Tensor, class_weights: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Cross-entropy on every branch, or multi-label soft margin on [one-hot, 1] with shared anatomy;
+        with `class_weights`, each row weighs its class's weight.
 
         Returns {"loss": sum, <loss_names>: each}.
         """
         branch_logits = outputs["branch_logits"]
+        weights = row_weights(labels, class_weights)
         if self.shared_anatomy:
             targets = self.targets(labels).to(branch_logits[0].device)
-            values = [F.multilabel_soft_margin_loss(logits.float(), targets) for logits in branch_logits]
-        else:
+            if weights is None:
+                values = [F.multilabel_soft_margin_loss(logits.float(), targets) for logits in branch_logits]
+            else:
+                values = [
+                    weighted_mean(
+                        F.multilabel_soft_margin_loss(logits.float(), targets, reduction="none"), weights
+                    )
+                    for logits in branch_logits
+                ]
+        elif weights is None:
             values = [F.cross_entropy(logits, labels) for logits in branch_logits]
+        else:
+            values = [
+                weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weights)
+                for logits in branch_logits
+            ]
         parts = dict(zip(self.loss_names, values, strict=True))
         return {"loss": torch.stack(values).sum(), **parts}
 

@@ -1,0 +1,108 @@
+"""Class balance of the training loss: on by default when the train split is imbalanced.
+
+On a cohort with 7 % tumour slices an unweighted loss is minimised by "always healthy" (val accuracy
+0.93, tumour recall 0), and the tumour CAM of such a model is noise. With ``class_balance``:
+
+- ``auto`` (default): weigh the loss when the smallest class holds under ``AUTO_THRESHOLD`` (0.7) of an
+  even share of the train rows, i.e. under 35 % of them with two classes;
+- ``weights``: always weigh it; ``none``: never.
+
+The weights are inverse class frequencies, normalised so that the average train row weighs 1
+(``n / (C * n_k)``, scikit-learn's "balanced"); a class without train rows weighs 0. Every
+classification loss term of every model takes them per row (its class's weight; a weighted mean over
+the batch, as ``cross_entropy(weight=...)``): ACoL's two branches, co-attention's single and pair terms
+(weighted by the anchor row's class) and the shared-anatomy soft margin alike. Loss weights, not a
+resampler, so that the same run is identical in one process and streamed by Ray Data to N workers.
+
+Near-empty slices (the top and bottom of a head, nearly all background) get nothing special: they are
+healthy rows and weigh what healthy rows weigh. Balancing keeps them from dominating the loss; dropping
+them is a data decision (the NIfTI source's minimum-head rule), not the trainer's.
+
+Examples:
+    >>> resolve_class_balance("auto", [930, 70]).weights
+    [0.5376, 7.1429]
+    >>> resolve_class_balance("auto", [500, 500]).applied
+    False
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from acol_core.config import CLASS_BALANCE_MODES, ConfigError, TrainConfig
+
+__all__ = [
+    "AUTO_THRESHOLD",
+    "ClassBalance",
+    "apply_class_balance",
+    "class_weights",
+    "resolve_class_balance",
+    "train_class_counts",
+]
+
+AUTO_THRESHOLD = 0.7
+
+
+@dataclass(frozen=True)
+class ClassBalance:
+    """What was decided for one run: recorded in its outputs and its exported model."""
+
+    mode: str
+    applied: bool
+    weights: list[float] | None
+    train_counts: list[int]
+    minority_share: float | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def class_weights(counts: Sequence[int]) -> list[float]:
+    """``n / (C * n_k)`` per class over the classes present (rounded to 4 places); 0 for absent ones."""
+    present = [c for c in counts if c > 0]
+    total = sum(present)
+    return [round(total / (len(present) * c), 4) if c > 0 else 0.0 for c in counts]
+
+
+def resolve_class_balance(
+    mode: str, counts: Sequence[int], given: Sequence[float] | None = None
+) -> ClassBalance:
+    """The balance decision for train ``counts`` (rows per class index) under ``mode``.
+
+    ``given`` weights (a config's ``class_weights``) are used as they are unless ``mode`` is ``none``.
+    """
+    if mode not in CLASS_BALANCE_MODES:
+        raise ConfigError(f"class_balance must be one of {', '.join(CLASS_BALANCE_MODES)}, got {mode!r}")
+    counts = [int(c) for c in counts]
+    present = [c for c in counts if c > 0]
+    share = min(present) / sum(present) if len(present) > 1 else None
+    if mode == "none":
+        return ClassBalance(mode, False, None, counts, share, "class_balance is none")
+    if given is not None:
+        if len(given) != len(counts):
+            raise ConfigError(f"class_weights has {len(given)} values for {len(counts)} classes")
+        return ClassBalance(mode, True, [float(w) for w in given], counts, share, "class_weights given")
+    if share is None:
+        return ClassBalance(mode, False, None, counts, share, "fewer than two classes in the train split")
+    if mode == "auto" and share * len(present) >= AUTO_THRESHOLD:
+        reason = f"balanced enough: smallest class {share:.3f} of train rows"
+        return ClassBalance(mode, False, None, counts, share, reason)
+    reason = f"smallest class {share:.3f} of train rows" if mode == "auto" else "class_balance is weights"
+    return ClassBalance(mode, True, class_weights(counts), counts, share, reason)
+
+
+def train_class_counts(split_class: Mapping[str, Mapping[str, int]], class_names: Sequence[str]) -> list[int]:
+    """Train rows per class index from a manifest's ``counts["split_class"]``."""
+    train = split_class.get("train", {})
+    return [int(train.get(name, 0)) for name in class_names]
+
+
+def apply_class_balance(config: TrainConfig, counts: Sequence[int]) -> tuple[TrainConfig, ClassBalance]:
+    """``config`` with the resolved ``class_weights`` (None when not applied), and the decision."""
+    if len(counts) != config.num_classes:
+        raise ConfigError(f"{len(counts)} class counts for a model with {config.num_classes} classes")
+    decision = resolve_class_balance(config.class_balance, counts, config.class_weights)
+    return config.replace(class_weights=decision.weights), decision
