@@ -51,6 +51,7 @@ from acol_core.localize import boxes_from_mask
 from acol_core.metrics import (
     best_dice,
     classification_accuracy,
+    classification_metrics,
     dice_iou_at,
     gt_known_loc,
     max_box_acc,
@@ -59,7 +60,7 @@ from acol_core.metrics import (
     pxap,
     top1_loc,
 )
-from acol_core.predictions import PredictionsError, read_predictions, read_success
+from acol_core.predictions import PredictionsError, quantize_cam, read_predictions, read_success
 from acol_core.stats import paired_bootstrap_histograms, pixel_histograms, summarize_seeds
 from acol_core.subjects import subject_metrics, subjects_csv, summarize_subjects
 
@@ -139,6 +140,30 @@ class JoinedRows:
 
     def box_rows(self) -> list[int]:
         return [i for i, b in enumerate(self.boxes) if b]
+
+    @classmethod
+    def from_arrays(
+        cls, cams: np.ndarray, masks: np.ndarray, anatomy: np.ndarray | None = None
+    ) -> JoinedRows:
+        """Object rows held in memory (training-time validation): float maps in [0, 1] quantised as
+        stored, ground-truth boxes from the masks' components, as ``join_predictions`` does."""
+        n = len(cams)
+        masks_list = [np.asarray(m) for m in masks]
+        maps = StoredMaps([quantize_cam(c) for c in cams])
+        return cls(
+            image_ids=[str(i) for i in range(n)],
+            labels=np.full(n, -1, dtype=np.int64),
+            preds=np.full(n, -1, dtype=np.int64),
+            maps=maps,
+            masks=masks_list,
+            boxes=[boxes_from_mask(m) for m in masks_list],
+            anatomy=[None] * n if anatomy is None else [np.asarray(a) for a in anatomy],
+            fullsup=np.zeros(n, dtype=bool),
+            predicted_map_rows=0,
+            subject_ids=[""] * n,
+            slice_indices=np.zeros(n, dtype=np.int64),
+            pred_maps=maps,
+        )
 
     def with_maps(self, maps: Sequence[np.ndarray]) -> JoinedRows:
         """The same rows scored with other uint8 maps (a baseline's), as the stored CAMs are."""
@@ -272,6 +297,7 @@ def _classification(rows: JoinedRows, class_names: Sequence[str]) -> dict[str, A
     return {
         "rows": int(labelled.sum()),
         "accuracy": classification_accuracy(preds, labels),
+        "balanced_accuracy": classification_metrics(preds, labels, len(class_names))["balanced_accuracy"],
         "per_class": per_class,
     }
 

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from acol_core.config import TrainConfig
-from acol_core.localize import boxes_from_mask, normalize_cam, resize_map
-from acol_core.metrics import best_dice, classification_accuracy, max_box_acc, off_target_share, pxap
+from acol_core.localize import normalize_cam, resize_map
+from acol_core.metrics import classification_accuracy, classification_metrics
 from acol_core.models import create_model
 
 __all__ = [
@@ -303,37 +303,15 @@ def predict(
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def classification_metrics(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Balanced accuracy, each class's recall and labelled rows (``recall_<k>``, ``rows_<k>``).
-
-    Balanced accuracy is the mean recall over the classes that have rows; unlabelled rows (-1) are left
-    out. On a set with 7 % tumour rows "always healthy" has accuracy 0.93 and balanced accuracy 0.5.
-
-    Examples:
-        >>> classification_metrics(np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1]), 2)["balanced_accuracy"]
-        0.75
-    """
-    pred, labels = np.asarray(pred).ravel(), np.asarray(labels).ravel()
-    out: dict[str, float] = {}
-    recalls = []
-    for k in range(num_classes):
-        rows = labels == k
-        out[f"rows_{k}"] = float(rows.sum())
-        if rows.any():
-            out[f"recall_{k}"] = float((pred[rows] == k).mean())
-            recalls.append(out[f"recall_{k}"])
-    out["balanced_accuracy"] = float(np.mean(recalls)) if recalls else 0.0
-    return out
-
-
 def localization_metrics(
     pred: dict[str, np.ndarray], rows: np.ndarray | None = None, step: float = 0.01
 ) -> dict:
-    """WSOL metrics on the rows that contain an object (non-empty mask), optionally a subset.
-
-    Healthy MRI slices have no object: localisation is scored on object rows only (GT-known),
-    classification accuracy on all rows.
+    """Val metrics of ``predict``'s output: accuracy on every row; localisation on the rows that contain an
+    object (non-empty mask; GT-known), optionally a subset, scored by ``evaluate.localization_report``
+    (the one scoring path) on the maps quantised as ``acol localize`` stores them.
     """
+    from acol_core.evaluate import JoinedRows, localization_report
+
     metrics = {"accuracy": classification_accuracy(pred["pred"], pred["label"])}
     if "mask" not in pred:
         return metrics
@@ -342,16 +320,15 @@ def localization_metrics(
     metrics["localized_rows"] = int(keep.sum())
     if not keep.any():
         return metrics
-    cams, masks = pred["cam"][keep], pred["mask"][keep]
-    boxes = [boxes_from_mask((m == 1).astype(np.uint8)) for m in masks]
-    metrics["pxap"] = pxap(cams, masks, step=step)
-    metrics["max_box_acc_v2"] = max_box_acc(cams, boxes, (0.3, 0.5, 0.7), multi_contour=True, step=step)[
-        "mean"
-    ]
-    metrics["dice"] = best_dice(cams, masks, step=step)["dice"]
-    if "anatomy_mask" in pred:
-        anatomy = (pred["anatomy_mask"][keep] == 1).astype(np.uint8)
-        metrics["off_target"] = off_target_share(cams, anatomy)
+    anatomy = pred["anatomy_mask"][keep] if "anatomy_mask" in pred else None
+    joined = JoinedRows.from_arrays(pred["cam"][keep], pred["mask"][keep], anatomy)
+    # Only threshold-free metrics are reported per epoch: the thresholds given here are unused.
+    report = localization_report(joined, 0.5, 0.5, step=step)
+    metrics["pxap"] = report["pxap"]
+    metrics["max_box_acc_v2"] = report["max_box_acc_v2"]
+    metrics["dice"] = report["best_dice"]["dice"]
+    if "off_target_share" in report:
+        metrics["off_target"] = report["off_target_share"]
     return metrics
 
 

@@ -110,6 +110,7 @@ def test_perfect_maps_score_one(phantom: str, tmp_path: Path) -> None:
     assert report["rows"] == 8 and report["classification"] == {
         "rows": 8,
         "accuracy": 1.0,
+        "balanced_accuracy": 1.0,
         "per_class": {"healthy": 1.0, "tumour": 1.0},
     }
     overall = report["localization"]["overall"]
