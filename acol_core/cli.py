@@ -49,13 +49,35 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+_VERBOSE = {"on": False}
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show Ray's and Prefect's own logs here instead of in a log file."
+    ),
 ) -> None:
     """Weakly supervised object localization, one verb per stage."""
+    _VERBOSE["on"] = verbose
+
+
+def _quiet(verb: str, folder: str) -> None:
+    """Ray's and Prefect's logs to ``<folder>/logs/<verb>.log`` (a local folder) or a temp file; say where."""
+    import tempfile
+    import time
+
+    from acol_core.console import print_err, quiet_logs
+    from acol_core.storage import is_local
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = folder.removeprefix("file://") if is_local(folder) else tempfile.gettempdir() + "/acol-flow"
+    path = quiet_logs(f"{base}/logs/{verb}-{stamp}.log", verbose=_VERBOSE["on"])
+    if path is not None:
+        print_err(f"acol {verb}: Ray's logs go to {path} (and Ray's session folder); -v shows them here")
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -136,7 +158,9 @@ def prepare(
     if split is not None and split_fractions is not None:
         raise ValueError("--split and --split-fractions are mutually exclusive")
     fractions = parse_fractions(split_fractions) if split_fractions is not None else None
-    with _progress("prepare") as progress:
+    from acol_core.console import RowProgress
+
+    with RowProgress("prepare (shards)") as progress:
         manifest = prepare_dataset(
             source,
             output,
@@ -151,31 +175,6 @@ def prepare(
         )
     summary = {"output": output, "accepted": manifest.accepted, "rejected": manifest.rejected}
     typer.echo(json.dumps({**summary, "split_counts": manifest.split_counts}))
-
-
-class _progress:
-    """A progress line on stderr for long work: ``progress(done, total)``."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.tty = sys.stderr.isatty()
-
-    def __enter__(self) -> Callable[[int, int], None]:
-        return self.update
-
-    def update(self, done: int, total: int) -> None:
-        width = 30
-        filled = int(width * done / max(total, 1))
-        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
-        if self.tty:
-            sys.stderr.write("\r" + line)
-        elif done == total:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
 
 
 @app.command(
@@ -212,6 +211,7 @@ def train(
     epoch when val has under 10 rows of a class); the JSON says which and why, and the class balance.
     """
     from acol_core.config import TrainConfig, load_config_file
+    from acol_core.console import EpochProgress
     from acol_core.jobs.train_run import RunOptions, run_training
 
     values = load_config_file(config) if config else {}
@@ -233,7 +233,11 @@ def train(
         keep_checkpoints=keep_checkpoints,
         deterministic=deterministic,
     )
-    result = run_training(TrainConfig.from_dict(values), options)
+    train_config = TrainConfig.from_dict(values)
+    _quiet("train", storage)
+    with EpochProgress(f"train {name}", train_config.epochs) as progress:
+        options.progress = progress
+        result = run_training(train_config, options)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     summary = {
         "run": result.run_uri,
@@ -269,6 +273,7 @@ def tune(
     """Sweep with Ray Tune (Optuna + ASHA), one Ray Train run per trial; prints the best config as JSON."""
     from acol_core.jobs.sweep import run_sweep
 
+    _quiet("tune", storage)
     result = run_sweep(
         space,
         data,
@@ -314,9 +319,11 @@ def localize(
     Writes one row per image (predicted class, softmax scores, CAM and mask PNGs at image size, boxes)
     to OUTPUT, committed by _SUCCESS.json last; a rerun replaces the folder.
     """
+    from acol_core.console import RowProgress
     from acol_core.jobs.localize_job import run_localize
 
-    with _progress("localize") as progress:
+    _quiet("localize", output)
+    with RowProgress("localize (rows)") as progress:
         result = run_localize(
             model,
             data,
@@ -419,7 +426,9 @@ def study(
     from acol_core.jobs.study_run import run_study
     from acol_core.study import load_study, results_markdown
 
-    results = run_study(load_study(config), storage, parallel=parallel, table=table, echo=_echo_err)
+    study_config = load_study(config)
+    _quiet("study", f"{storage}/{study_config.name}")
+    results = run_study(study_config, storage, parallel=parallel, table=table, echo=_echo_err)
     typer.echo(results_markdown(results))
     typer.echo(f"results: {results['results_uri']}", err=True)
 

@@ -178,9 +178,12 @@ def _train_config(spec: dict[str, Any], train: dict[str, Any]) -> Any:
 
 
 def _stage(record: RunRecord, run_uri: str, name: str, started: float) -> None:
+    from acol_core.console import print_err
+
     record.stages[name] = round(time.perf_counter() - started, 1)
     write_run(run_uri, record)
     get_run_logger().info("stage %s done in %.1f s", name, record.stages[name])
+    print_err(f"stage {name} done in {record.stages[name]:.0f} s")
 
 
 def _copy(source: str, target: str) -> str:
@@ -195,12 +198,15 @@ def train_task(
     run_uri: str, data_uri: str, spec: dict[str, Any], train: dict[str, Any], workers: int
 ) -> dict[str, Any]:
     """One Ray Train run; its best checkpoint's export copied to ``<run>/models/<label>.safetensors``."""
+    from acol_core.console import EpochProgress
     from acol_core.jobs.train_run import RunOptions, run_training
 
     config = _train_config(spec, train)
     started = time.perf_counter()
     options = RunOptions(data=data_uri, storage=join(run_uri, "train"), name=spec["label"], workers=workers)
-    result = run_training(config, options)
+    with EpochProgress(f"train {spec['label']}", config.epochs) as progress:
+        options.progress = progress
+        result = run_training(config, options)
     if result.model_uri is None:
         raise RuntimeError(f"training {spec['label']!r} finished without a checkpoint")
     seconds = round(time.perf_counter() - started, 1)
@@ -408,6 +414,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep", default=None, metavar="SPACE", help="sweep this search-space YAML")
     parser.add_argument("--trials", type=int, default=None, help="sweep trials [default: the preset's, or 4]")
     parser.add_argument("--no-sweep", action="store_true", help="skip the preset's sweep")
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="Ray's and Prefect's logs here, not in a file"
+    )
     return parser.parse_args(argv)
 
 
@@ -423,14 +432,19 @@ def _sweep_of(args: argparse.Namespace, preset: dict[str, Any]) -> dict[str, Any
 def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a preset locally (ephemeral Prefect API, in-process Ray); print the metrics table and the
     report's path. Known failures are one line on stderr: exit 2 for bad input, 1 for a failed stage."""
+    from acol_core.console import print_err, quiet_logs
     from acol_core.errors import exit_code
+    from acol_core.storage import is_local
 
     args = _parse_args(argv)
-    # The stages log their own progress; Ray Data's bars (from every Train worker too) would bury it.
-    # Set before Ray starts, so that its processes inherit it.
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     preset = PRESETS[args.preset]
     run_uri = args.run or f"runs/{args.preset}"
+    # Ray's and Prefect's own logs to a file in the run folder (before Ray starts: its processes inherit
+    # the environment); the stages print their own progress.
+    log_dir = run_uri if is_local(run_uri) else f"runs/{args.preset}"
+    log = quiet_logs(f"{log_dir}/logs/pipeline-{time.strftime('%Y%m%d-%H%M%S')}.log", verbose=args.verbose)
+    if log is not None:
+        print_err(f"pipeline {args.preset}: Ray's and Prefect's logs go to {log}; --verbose shows them here")
     train = dict(preset["train"]) | ({"epochs": args.epochs} if args.epochs else {})
     started = time.perf_counter()
     try:

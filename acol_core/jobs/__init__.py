@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["parquet_reader_v1", "ray_init"]
+__all__ = ["parquet_reader_v1", "ray_init", "ray_logs_dir"]
 
 
 def ray_init(dashboard: bool = False) -> None:
@@ -25,16 +26,28 @@ def ray_init(dashboard: bool = False) -> None:
     """
     import ray
 
+    from acol_core.console import quiet, reroute_logs
+
     if ray.is_initialized():
         return
+    try:
+        _init(ray, dashboard, to_driver=not quiet())
+    finally:
+        import ray.data  # noqa: F401 - its loggers exist from here on, and go where ours go
+
+        reroute_logs()
+
+
+def _init(ray: Any, dashboard: bool, to_driver: bool) -> None:
+    # Quiet (``console.quiet_logs``): workers' output stays in Ray's session logs, not this terminal.
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=to_driver)
         return
     if not dashboard:
         # address="local": a new Ray, never some other Ray found on the host. No dashboard, so the demo
         # and tests need no free ports beyond Ray's own. Workers inherit this process's environment
         # (AWS_* for s3:// URIs included).
-        ray.init(address="local", include_dashboard=False, configure_logging=False)
+        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=to_driver)
         return
     # With the dashboard, the GCS address is chosen here and put in the environment the Ray processes
     # inherit: without one, a Ray process looks for "the" Ray on the host and fails when several run.
@@ -50,6 +63,7 @@ def ray_init(dashboard: bool = False) -> None:
             dashboard_host="127.0.0.1",
             dashboard_port=0,
             configure_logging=False,
+            log_to_driver=to_driver,
         )
     finally:
         for key, value in saved.items():
@@ -84,3 +98,15 @@ def parquet_reader_v1() -> Iterator[None]:
         yield
     finally:
         context.use_datasource_v2 = previous
+
+
+def ray_logs_dir() -> str | None:
+    """This Ray session's log folder (where workers' output goes when quiet), if Ray runs here."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        return str(ray._private.worker.global_worker.node.get_logs_dir_path())  # noqa: SLF001
+    except AttributeError:
+        return None

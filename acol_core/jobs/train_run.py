@@ -29,6 +29,7 @@ import os
 import re
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -98,6 +99,8 @@ class RunOptions:
         extra_env: environment variables for the train workers (on a cluster whose nodes lack them).
         callbacks: Ray Train ``UserCallback``s, passed to ``RunConfig(callbacks=...)`` (the sweep's trial
             reporter is one; Train V2 takes user callbacks only there).
+        progress: called in this process with each epoch's metrics (plus ``epochs``, the plan) as rank 0
+            reports them, e.g. ``acol_core.console.EpochProgress``.
         fault_injection: TEST ONLY. ``{"rank", "epoch", "after_batches", "marker"}``: that rank SIGKILLs
             itself in that epoch after that many batches, unless the marker file exists (it creates the
             marker first, so the restarted attempt runs through). Needs storage every worker can see.
@@ -116,6 +119,7 @@ class RunOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
     callbacks: list[Any] = field(default_factory=list)
     fault_injection: dict[str, Any] | None = None
+    progress: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -269,6 +273,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = TrainConfig.from_dict(loop_config["train"])
     class_names: list[str] = loop_config["class_names"]
     fault: dict[str, Any] | None = loop_config.get("_fault")
+    progress_queue = loop_config.get("_progress")
     rank = ray.train.get_context().get_world_rank()
     train_shard = ray.train.get_dataset_shard("train")
 
@@ -323,6 +328,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def report(epoch: int, metrics: dict[str, float], state: Callable[[], dict]) -> None:
         # Every rank reports (Train V2 waits for all); only rank 0 carries the checkpoint and its metrics.
         history.append(dict(metrics))
+        if progress_queue is not None and rank == 0:
+            _publish_progress(progress_queue, {**metrics, "epochs": config.epochs})
         due = (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs
         if rank != 0 or not due:
             ray.train.report(metrics, checkpoint=None)
@@ -343,6 +350,60 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         prepare=ray.train.torch.prepare_model,
     )
+
+
+def _publish_progress(queue: Any, metrics: dict[str, Any]) -> None:
+    """Hand an epoch's metrics to the driver's display; a display that is gone never fails training."""
+    try:
+        queue.put_nowait(metrics)
+    except Exception:  # noqa: BLE001 - a full or dead queue only loses a progress line
+        pass
+
+
+class _ProgressRelay:
+    """A Ray queue that rank 0 puts each epoch's metrics on, drained into ``callback`` by a thread of the
+    driver while ``fit`` blocks (Train V2 gives the driver nothing before the run ends)."""
+
+    def __init__(self, callback: Callable[[dict], None] | None) -> None:
+        self.callback = callback
+        self.queue: Any = None
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        if callback is not None:
+            from ray.util.queue import Queue
+
+            self.queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+
+    def _drain(self, block: bool) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                item = self.queue.get(block=block, timeout=0.5) if block else self.queue.get_nowait()
+            except Empty:
+                return
+            except Exception:  # noqa: BLE001 - the queue actor is gone: nothing more to show
+                return
+            self.callback(item)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            self._drain(block=True)
+
+    def __enter__(self) -> _ProgressRelay:
+        if self.queue is not None:
+            self.thread = threading.Thread(target=self._loop, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.queue is None:
+            return
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        self._drain(block=False)
+        self.queue.shutdown(force=True)
 
 
 class _StateModule:
@@ -417,6 +478,9 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
     }
     if options.fault_injection:
         loop_config["_fault"] = dict(options.fault_injection)
+    relay = _ProgressRelay(options.progress)
+    if relay.queue is not None:
+        loop_config["_progress"] = relay.queue
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -441,7 +505,8 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
     )
     try:
-        result = trainer.fit()
+        with relay:
+            result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingError(
             f"run {options.name!r} failed: {one_line(exc)} (its checkpoints are kept under "
