@@ -548,7 +548,9 @@ def run_localize(
     if checked.gate != "none" and checked.ungated_rows:
         logging.getLogger(__name__).warning(
             "gate %s: %d of %d rows have no anatomy mask; their maps are not gated",
-            checked.gate, checked.ungated_rows, checked.rows,
+            checked.gate,
+            checked.ungated_rows,
+            checked.rows,
         )
     plan = volume_plan(data_uri, checked.splits, nifti_orientation) if nifti_out else None
     ray_init()

@@ -338,7 +338,9 @@ class CoattModel(WsolModel):
         if infer_map not in INFER_MAPS:
             raise ValueError(f"infer_map must be one of {', '.join(INFER_MAPS)}, got {infer_map!r}")
         if infer_map == "contrast" and int(infer_partners):
-            raise ValueError("infer_map='contrast' uses one partner of another class: it needs infer_partners=0")
+            raise ValueError(
+                "infer_map='contrast' uses one partner of another class: it needs infer_partners=0"
+            )
         self.pair_policy = pair_policy
         self.infer_partners = int(infer_partners)
         self.infer_map = infer_map
