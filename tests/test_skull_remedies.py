@@ -237,3 +237,26 @@ def test_compete_maps_of_a_constant_input_are_safe() -> None:
         out = _model("acol", shared_anatomy="compete").eval()(torch.zeros(2, 1, 32, 32))
     assert torch.equal(out["cam"], torch.zeros(2, 4, 4))
     assert torch.isfinite(F.softmax(out["logits"], dim=1)).all()
+
+
+# ---------------------------------------------------------------- the sweep space
+
+
+def test_skull_space_samples_build_every_remedy() -> None:
+    """Every configuration the shipped skull space draws is a valid TrainConfig and model."""
+    optuna = pytest.importorskip("optuna")
+    from pathlib import Path
+
+    from acol_core.jobs.sweep import load_space
+    from acol_core.train import build_model
+
+    space = load_space(str(Path(__file__).resolve().parents[1] / "tune" / "spaces" / "skull.yaml"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    anatomy_modes = set()
+    for _ in range(12):
+        trial = study.ask()
+        config = space.train_config(space.sample(trial))
+        build_model(config.replace(image_size=32))
+        anatomy_modes.add(config.model_options["shared_anatomy"])
+        study.tell(trial, 0.0)
+    assert anatomy_modes == {False, True, "compete"}
