@@ -1,4 +1,5 @@
-"""Pure tensor functions behind the heads: map normalisation, ACoL's erase, class-map selection, fusion.
+"""Pure tensor functions behind the heads: map normalisation, ACoL's erase, class-map selection, fusion,
+and the competition of class, anatomy and background channels for positions (`shared_anatomy="compete"`).
 
 Modules in `heads.py` are thin wrappers around these (wsolevaluation's `_erase_attention` style), so the
 arithmetic is tested on hand-built tensors.
