@@ -313,6 +313,9 @@ def localize(
         None, help="torch CPU threads per actor [default: 1 with GPUs, else a node's CPUs / actors]"
     ),
     gt_maps: bool = typer.Option(True, help="also store the labelled class's map where it differs (cam_gt)"),
+    gate: str = typer.Option(
+        "none", help="none, or anatomy: zero the maps on the rows' anatomy_mask (skull/scalp), renormalise"
+    ),
 ) -> None:
     """Localize a split with Ray Data (an actor pool holds the model); prints a summary as JSON.
 
@@ -339,6 +342,7 @@ def localize(
             nifti_out=nifti_out,
             nifti_orientation=nifti_orientation,
             progress=progress,
+            gate=gate,
         )
     typer.echo(json.dumps(result.to_dict(), indent=2))
 

@@ -48,6 +48,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"
     augment: bool = True
+    # --- skull remedies (issue 18): intensity / bias-field / site augmentation, strength in [0, 1]
+    # (0: off). Acts only with ``augment``; see ``acol_core.data.transforms.intensity_augment``.
+    intensity_augment: float = 0.0
+    # --- end skull remedies
     seed: int = 0
     amp: str = "auto"
     num_threads: int = 0
@@ -88,6 +92,15 @@ class TrainConfig:
         delta = self.model_options.get("delta")
         if delta is not None and not 0.0 < float(delta) < 1.0:
             raise ConfigError(f"delta must be in (0, 1), got {delta}")
+        # --- skull remedies (issue 18)
+        if not 0.0 <= float(self.intensity_augment) <= 1.0:
+            raise ConfigError(f"intensity_augment must be in [0, 1], got {self.intensity_augment}")
+        if self.intensity_augment and not self.augment:
+            raise ConfigError("intensity_augment needs augment: true (it is part of the augmentation)")
+        anatomy = self.model_options.get("shared_anatomy", False)
+        if not (isinstance(anatomy, bool) or anatomy == "compete"):
+            raise ConfigError(f"shared_anatomy must be false, true or 'compete', got {anatomy!r}")
+        # --- end skull remedies
 
     @property
     def effective_head_lr_mult(self) -> float:

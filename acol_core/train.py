@@ -139,9 +139,16 @@ def make_scheduler(
 
 
 def iterate_minibatches(
-    arrays: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator | None, augment: bool
+    arrays: dict[str, np.ndarray],
+    batch_size: int,
+    rng: np.random.Generator | None,
+    augment: bool,
+    intensity: float = 0.0,
 ) -> Iterator[Batch]:
-    """Shuffle (when ``rng``) and cut in-memory arrays into batches; the plain-process data path."""
+    """Shuffle (when ``rng``) and cut in-memory arrays into batches; the plain-process data path.
+
+    ``intensity``: ``TrainConfig.intensity_augment``, used when augmenting.
+    """
     from acol_core.data.transforms import augment_batch
 
     n = len(arrays["label"])
@@ -150,7 +157,7 @@ def iterate_minibatches(
         idx = order[start : start + batch_size]
         batch = {k: v[idx] for k, v in arrays.items()}
         if augment and rng is not None:
-            batch = augment_batch(batch, rng)
+            batch = augment_batch(batch, rng, intensity=intensity)
         yield batch
 
 

@@ -51,6 +51,7 @@ from acol_core.train import fit, iterate_minibatches, select_device
 ray = pytest.importorskip("ray")
 
 from acol_core.jobs.localize_job import (  # noqa: E402
+    INPUT_COLUMNS,
     Localizer,
     localize_plain,
     localize_rows,
@@ -264,6 +265,49 @@ def test_cli_errors_are_one_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("acol localize: error:") and message in lines[0]
     assert not (tmp_path / "out" / SUCCESS_NAME).exists()
+
+
+def test_gate_anatomy_zeroes_the_maps_on_skull_and_scalp(phantom: str, model_uri: str) -> None:
+    """``gate="anatomy"``: both stored maps are 0 on each row's anatomy mask; rows without one keep theirs."""
+    plain = {r["image_id"]: r for r in localize_plain(model_uri, phantom, "test").to_pylist()}
+    gated = localize_plain(model_uri, phantom, "test", gate="anatomy").to_pylist()
+    rows = open_dataset(phantom).read_table("test", columns=["image_id", "anatomy_mask"]).to_pylist()
+    anatomy = {r["image_id"]: decode_png(r["anatomy_mask"]) for r in rows}
+    assert len(gated) == len(plain) and all(m.any() for m in anatomy.values())
+    for p in gated:
+        skull = anatomy[p["image_id"]] == 1
+        for column in ("cam", "cam_gt"):
+            if p[column] is not None:
+                cam = decode_png(p[column])
+                assert (cam[skull] == 0).all() and cam.max() in (0, 255)
+        assert p["pred_label"] == plain[p["image_id"]]["pred_label"]
+    assert any(decode_png(plain[i]["cam"])[anatomy[i] == 1].any() for i in anatomy)  # gating changed them
+    # Without the column (or with nulls) the maps are the ungated ones.
+    model, info = load_exported(model_uri)
+    table = open_dataset(phantom).read_table("test", columns=INPUT_COLUMNS)
+    batch = {**table.to_pydict(), "anatomy_mask": [None] * table.num_rows}
+    ungated = localize_rows(model, info, batch, 0.5, ("acol", "x"), select_device("cpu"), gate="anatomy")
+    assert ungated.column("cam").to_pylist() == [
+        plain[i]["cam"] for i in table.column("image_id").to_pylist()
+    ]
+
+
+def test_cli_bad_gate_is_one_line(phantom: str, model_uri: str, tmp_path: Path) -> None:
+    args = [
+        "localize",
+        "--model",
+        model_uri,
+        "--data",
+        phantom,
+        "--output",
+        str(tmp_path / "o"),
+        "--gate",
+        "brain",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["acol localize: error: gate must be one of none, anatomy, got 'brain'"]
 
 
 # --------------------------------------------------------------------------- Ray Data

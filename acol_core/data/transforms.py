@@ -19,7 +19,10 @@ __all__ = [
     "IGNORE",
     "NORMALIZATION",
     "augment_batch",
+    "bias_field",
+    "check_intensity",
     "decode_rows",
+    "intensity_augment",
     "prepare_image",
     "standardize",
     "table_to_arrays",
@@ -68,7 +71,10 @@ def standardize(images: np.ndarray) -> np.ndarray:
     std, so the background's normalised level alone gives the label away, and the class map learns
     the background). Sources normalise intensities per volume when they prepare the dataset.
     """
-    return ((images - 0.5) / 0.25).astype(np.float32)
+    return ((images - _CENTER) / _SPREAD).astype(np.float32)
+
+
+_CENTER, _SPREAD = 0.5, 0.25
 
 
 def _mask_or_ignore(data: Any, size: int) -> np.ndarray:
@@ -106,8 +112,15 @@ def decode_rows(
     return out
 
 
-def augment_batch(batch: dict[str, np.ndarray], rng: np.random.Generator, max_shift: float = 0.08) -> dict:
-    """Random horizontal flip and small translation, applied alike to images and masks."""
+def augment_batch(
+    batch: dict[str, np.ndarray], rng: np.random.Generator, max_shift: float = 0.08, intensity: float = 0.0
+) -> dict:
+    """Random horizontal flip and small translation, applied alike to images and masks; then, with
+    ``intensity`` > 0, ``intensity_augment`` on the images only (masks are left as they are).
+
+    With ``intensity`` 0 the random draws, and so the result, are those of the geometric part alone.
+    """
+    intensity = check_intensity(intensity)
     out = dict(batch)
     images = batch["image"].copy()
     masks = {k: batch[k].copy() for k in ("mask", "anatomy_mask") if k in batch}
@@ -122,8 +135,65 @@ def augment_batch(batch: dict[str, np.ndarray], rng: np.random.Generator, max_sh
             images[i] = np.roll(images[i], (dy, dx), axis=(-2, -1))
             for m in masks.values():
                 m[i] = np.roll(m[i], (dy, dx), axis=(-2, -1))
-    out["image"] = images
+    out["image"] = intensity_augment(images, rng, intensity) if intensity > 0 else images
     out.update(masks)
+    return out
+
+
+def check_intensity(strength: float) -> float:
+    """Return ``strength`` as a float if it lies in [0, 1], else raise ValueError."""
+    value = float(strength)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"intensity augmentation strength must lie in [0, 1], got {strength!r}")
+    return value
+
+
+# Ranges at strength 1. A scanner, coil and sequence change the intensities of a head, not its shape:
+# a smooth multiplicative bias field (coil sensitivity; TorchIO's RandomBiasField: order 3,
+# coefficients up to 0.5), a global gain, a monotone change of tissue contrast (another sequence or
+# site: fat, bone and grey/white matter move relative to each other), gamma (log γ within ±0.3, as
+# TorchIO's RandomGamma) and Rician noise (magnitude images of complex Gaussian noise).
+_BIAS_ORDER, _BIAS_COEFF = 3, 0.5
+_GAIN, _LOG_GAMMA, _CONTRAST_KNOT, _NOISE_SIGMA = 0.2, 0.3, 0.1, 0.05
+
+
+def bias_field(
+    h: int, w: int, rng: np.random.Generator, order: int = _BIAS_ORDER, coeff: float = _BIAS_COEFF
+) -> np.ndarray:
+    """A smooth multiplicative field exp(Σ c_ij x^i y^j), i + j <= ``order``, c_ij ~ U(−coeff, coeff)."""
+    y, x = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+    log_field = np.zeros((h, w))
+    for i in range(order + 1):
+        for j in range(order + 1 - i):
+            log_field += rng.uniform(-coeff, coeff) * x**i * y**j
+    return np.exp(log_field).astype(np.float32)
+
+
+def intensity_augment(images: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """Per image: contrast remap, gamma, bias field, gain and Rician noise, at ``strength`` in [0, 1].
+
+    ``images`` are standardised N×C×H×W (``standardize``); each is mapped back to [0, 1], changed, clipped
+    to [0, 1] and standardised again, so the output range is the input's. Strength 0 returns a copy.
+    Nothing here knows where the skull is: every transform acts on the whole image alike (the bias field
+    smoothly), as a scanner does.
+    """
+    strength = check_intensity(strength)
+    out = images.astype(np.float32, copy=True)
+    if strength == 0 or out.size == 0:
+        return out
+    knots = np.linspace(0.0, 1.0, 5)
+    n, _, h, w = out.shape
+    for i in range(n):
+        x = np.clip(out[i] * _SPREAD + _CENTER, 0.0, 1.0)
+        inner = knots[1:-1] + rng.uniform(-1, 1, size=3) * _CONTRAST_KNOT * strength
+        x = np.interp(x, knots, np.concatenate([[0.0], np.sort(inner), [1.0]])).astype(np.float32)
+        x = x ** np.float32(np.exp(rng.uniform(-1, 1) * _LOG_GAMMA * strength))
+        x = x * bias_field(h, w, rng, coeff=_BIAS_COEFF * strength)
+        x = x * np.float32(1.0 + rng.uniform(-1, 1) * _GAIN * strength)
+        sigma = rng.uniform(0, _NOISE_SIGMA * strength)
+        real = x + rng.normal(0.0, sigma, size=x.shape)
+        x = np.sqrt(real**2 + rng.normal(0.0, sigma, size=x.shape) ** 2)
+        out[i] = (np.clip(x, 0.0, 1.0) - _CENTER) / _SPREAD
     return out
 
 

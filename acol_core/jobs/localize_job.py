@@ -36,6 +36,7 @@ from acol_core.data.schema import SPLITS
 from acol_core.data.transforms import prepare_image, standardize
 from acol_core.errors import RunFailure, one_line
 from acol_core.export import ExportedInfo, load_exported, read_export_info
+from acol_core.gating import check_gate, gate_maps
 from acol_core.localize import cam_to_mask, normalize_cam, predicted_boxes, resize_map
 from acol_core.predictions import (
     PREDICTION_SCHEMA,
@@ -55,6 +56,7 @@ from acol_core.train import autocast, flush_denormals, select_device
 __all__ = [
     "ACTOR_RESTARTS",
     "DEFAULT_THRESHOLD",
+    "GATE_COLUMNS",
     "INPUT_COLUMNS",
     "LocalizeError",
     "LocalizeResult",
@@ -69,6 +71,7 @@ __all__ = [
 DEFAULT_THRESHOLD = 0.5
 ACTOR_RESTARTS = 3  # per actor; a lost batch is retried as often
 INPUT_COLUMNS = ["image_id", "image", "label", "subject_id", "slice_index"]
+GATE_COLUMNS = {"none": [], "anatomy": ["anatomy_mask"]}  # what each gate reads besides INPUT_COLUMNS
 
 
 class LocalizeError(RunFailure, RuntimeError):
@@ -81,6 +84,8 @@ class LocalizeResult:
     info: PredictionsInfo
     seconds: float
     nifti_files: list[str] = field(default_factory=list)
+    gate: str = "none"
+    ungated_rows: int = 0  # with gate "anatomy": rows without an anatomy mask, whose maps are not gated
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +98,8 @@ class LocalizeResult:
             "checkpoint": self.info.checkpoint,
             "seconds": round(self.seconds, 2),
             "nifti_files": len(self.nifti_files),
+            "gate": self.gate,
+            "ungated_rows": self.ungated_rows,
         }
 
 
@@ -122,9 +129,23 @@ def model_threshold(info: ExportedInfo, threshold: float | None = None) -> float
 # --------------------------------------------------------------------------- the per-batch work
 
 
-def _maps_at_image_size(raw: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """Feature-resolution maps -> normalised maps at each image's own height × width."""
-    return [normalize_cam(resize_map(m, size)) for m, size in zip(raw, sizes, strict=True)]
+def _maps_at_image_size(
+    raw: np.ndarray, sizes: Sequence[tuple[int, int]], anatomy: Sequence[np.ndarray | None] | None = None
+) -> list[np.ndarray]:
+    """Feature-resolution maps -> normalised maps at each image's own height × width; with ``anatomy``
+    (one mask or None per map), gated by ``acol_core.gating.gate_cam``."""
+    maps = [normalize_cam(resize_map(m, size)) for m, size in zip(raw, sizes, strict=True)]
+    return maps if anatomy is None else gate_maps(maps, anatomy, "anatomy").maps
+
+
+def _anatomy_masks(rows: Mapping[str, Sequence[Any]], gate: str) -> list[np.ndarray | None] | None:
+    """Decoded anatomy masks (None where a row has none) when ``gate`` is ``anatomy``, else None."""
+    if check_gate(gate) == "none":
+        return None
+    values = rows.get("anatomy_mask")
+    if values is None:
+        return [None] * len(rows["image_id"])
+    return [None if v is None else decode_png(bytes(v)) for v in values]
 
 
 def _gt_class_maps(
@@ -135,6 +156,7 @@ def _gt_class_maps(
     sizes: Sequence[tuple[int, int]],
     num_classes: int,
     amp: str,
+    anatomy: Sequence[np.ndarray | None] | None = None,
 ) -> list[bytes | None]:
     """The labelled class's map (PNG) where a row's label differs from its prediction, else None.
 
@@ -148,7 +170,8 @@ def _gt_class_maps(
     index = torch.from_numpy(redo).to(x.device)
     with autocast(x.device, amp):
         again = model(x[index], torch.from_numpy(labels[redo]).to(x.device))
-    maps = _maps_at_image_size(again["cam"].float().cpu().numpy(), [sizes[i] for i in redo])
+    redo_anatomy = None if anatomy is None else [anatomy[i] for i in redo]
+    maps = _maps_at_image_size(again["cam"].float().cpu().numpy(), [sizes[i] for i in redo], redo_anatomy)
     for i, m in zip(redo, maps, strict=True):
         out[i] = encode_cam(m)
     return out
@@ -163,11 +186,14 @@ def localize_rows(
     identity: tuple[str, str],
     device: torch.device,
     gt_maps: bool = True,
+    gate: str = "none",
 ) -> pa.Table:
     """Dataset rows (``INPUT_COLUMNS``; lists or numpy arrays) -> a PREDICTION_SCHEMA table.
 
     The map is the predicted class's (no label is used for it). With ``gt_maps``, rows whose label
     differs from the prediction get a second forward pass with that label, stored as ``cam_gt``.
+    ``gate="anatomy"`` zeroes both maps on the rows' ``anatomy_mask`` pixels (``acol_core.gating``);
+    rows without one keep their maps.
     """
     n = len(rows["image_id"])
     if n == 0:
@@ -184,12 +210,13 @@ def localize_rows(
     logits = out["logits"].float()
     scores = torch.softmax(logits, dim=1).cpu().numpy()
     pred = scores.argmax(axis=1)
-    cams = [quantize_cam(c) for c in _maps_at_image_size(out["cam"].float().cpu().numpy(), sizes)]
+    anatomy = _anatomy_masks(rows, gate)
+    cams = [quantize_cam(c) for c in _maps_at_image_size(out["cam"].float().cpu().numpy(), sizes, anatomy)]
     # The mask is thresholded on the stored (quantised) map, so the cam column reproduces it exactly.
     masks = [cam_to_mask(c.astype(np.float64) / 255.0, threshold) for c in cams]
     labels = rows.get("label") if gt_maps else None
     cam_gt = (
-        _gt_class_maps(model, x, pred, labels, sizes, cfg.num_classes, cfg.amp)
+        _gt_class_maps(model, x, pred, labels, sizes, cfg.num_classes, cfg.amp, anatomy)
         if labels is not None
         else [None] * n
     )
@@ -222,6 +249,7 @@ class Localizer:
         gt_maps: also store the ground-truth class's map where it differs (``cam_gt``).
         device: ``auto`` (CUDA when visible), ``cpu``, ``cuda``.
         num_threads: torch CPU threads (0: leave torch's default).
+        gate: ``none``, or ``anatomy`` (zero the maps on each row's ``anatomy_mask``).
         fault_injection: TEST ONLY. ``{"image_id", "times", "marker_dir"}``: the process SIGKILLs
             itself (no cleanup, like an OOM kill) when a batch holds that row, at most ``times`` times
             in all (counted as files in ``marker_dir``, a folder every actor can see).
@@ -236,8 +264,10 @@ class Localizer:
         device: str = "auto",
         num_threads: int = 0,
         fault_injection: dict[str, Any] | None = None,
+        gate: str = "none",
     ) -> None:
         self._fault = fault_injection
+        self.gate = check_gate(gate)
         if num_threads:
             torch.set_num_threads(num_threads)
         data = storage.read_bytes(model_uri)
@@ -255,7 +285,7 @@ class Localizer:
         if self._fault and self._fault["image_id"] in [str(v) for v in batch["image_id"]]:
             _die(self._fault["marker_dir"], int(self._fault["times"]))
         return localize_rows(
-            self.model, self.info, batch, self.threshold, self.identity, self.device, self.gt_maps
+            self.model, self.info, batch, self.threshold, self.identity, self.device, self.gt_maps, self.gate
         )
 
 
@@ -283,15 +313,16 @@ def localize_plain(
     batch_size: int = 32,
     gt_maps: bool = True,
     device: str = "auto",
+    gate: str = "none",
 ) -> pa.Table:
     """Every row of the split(s), in this process, one batch at a time: the predictions table."""
     from acol_core.data.shards import open_dataset
 
     dataset = open_dataset(data_uri, verify=False)
-    localizer = Localizer(model_uri, threshold, gt_maps=gt_maps, device=device)
+    localizer = Localizer(model_uri, threshold, gt_maps=gt_maps, device=device, gate=gate)
     tables = []
     for name in parse_splits(split):
-        table = dataset.read_table(split=name, columns=INPUT_COLUMNS)
+        table = dataset.read_table(split=name, columns=INPUT_COLUMNS + GATE_COLUMNS[localizer.gate])
         for start in range(0, table.num_rows, batch_size):
             tables.append(localizer(table.slice(start, batch_size).to_pydict()))
     return pa.concat_tables(tables) if tables else empty_predictions()
@@ -313,6 +344,8 @@ class _Checked:
     shard_paths: list[str]
     filesystem: Any
     class_names: list[str]
+    gate: str = "none"
+    ungated_rows: int = 0
 
 
 def _absolute(uri: str) -> str:
@@ -320,12 +353,25 @@ def _absolute(uri: str) -> str:
     return storage.resolve(uri)[1] if storage.is_local(uri) else uri
 
 
+def _ungated_rows(dataset: Any, splits: Sequence[str], gate: str) -> int:
+    """Rows of the splits that ``gate`` leaves as they are (``anatomy``: no anatomy mask)."""
+    if gate == "none":
+        return 0
+    return sum(dataset.read_table(split=s, columns=["anatomy_mask"]).column(0).null_count for s in splits)
+
+
 def _check(
-    model_uri: str, data_uri: str, output_uri: str, split: str | Sequence[str], threshold: float | None
+    model_uri: str,
+    data_uri: str,
+    output_uri: str,
+    split: str | Sequence[str],
+    threshold: float | None,
+    gate: str = "none",
 ) -> _Checked:
     """Fail in the driver with one clear line, before Ray starts actors that would fail obscurely."""
     from acol_core.data.shards import DatasetError, open_dataset
 
+    gate = check_gate(gate)
     dataset = open_dataset(data_uri, verify=False)
     splits = parse_splits(split)
     rows = sum(dataset.manifest.split_counts.get(s, 0) for s in splits)
@@ -345,6 +391,8 @@ def _check(
         shard_paths=dataset.shard_paths(),
         filesystem=dataset.filesystem,
         class_names=list(info.class_names),
+        gate=gate,
+        ungated_rows=_ungated_rows(dataset, splits, gate),
     )
 
 
@@ -415,7 +463,8 @@ def _build(
     with parquet_reader_v1():
         ds = ray.data.read_parquet(checked.shard_paths, filesystem=checked.filesystem)
     # Ray 2.60 refuses read_parquet(filter=...); an expression filter is pushed down to the scan.
-    ds = ds.filter(expr=col("split").is_in(checked.splits)).select_columns(INPUT_COLUMNS)
+    columns = INPUT_COLUMNS + GATE_COLUMNS[checked.gate]
+    ds = ds.filter(expr=col("split").is_in(checked.splits)).select_columns(columns)
     return ds.map_batches(
         Localizer,
         fn_constructor_kwargs={
@@ -426,6 +475,7 @@ def _build(
             "device": "cuda" if gpus > 0 else "cpu",
             "num_threads": threads,
             "fault_injection": fault_injection,
+            "gate": checked.gate,
         },
         # concurrency= is deprecated in Ray 2.60: a fixed-size pool is an ActorPoolStrategy.
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -457,6 +507,7 @@ def run_localize(
     nifti_orientation: str = "original",
     progress: Callable[[int, int], None] | None = None,
     fault_injection: dict[str, Any] | None = None,
+    gate: str = "none",
 ) -> LocalizeResult:
     """Localize every row of the split(s) with a Ray Data actor pool; commit the predictions folder.
 
@@ -471,6 +522,9 @@ def run_localize(
         nifti_orientation: ``original`` (the source file's axes and affine) or ``canonical`` (RAS).
         progress: called as ``progress(rows_done, rows_total)`` while files are written.
         fault_injection: TEST ONLY, see ``Localizer``.
+        gate: ``none``, or ``anatomy``: zero the maps on each row's ``anatomy_mask`` (skull/scalp) and
+            renormalise (``acol_core.gating``); rows without a mask keep their maps, and the result
+            (and the predictions' ``extra``) counts them as ``ungated_rows``, with a warning.
     """
     import ray.data
     import ray.exceptions
@@ -481,7 +535,14 @@ def run_localize(
     bad_threads = threads_per_actor is not None and threads_per_actor < 1
     if actors < 1 or batch_size < 1 or cpus_per_actor <= 0 or bad_threads:
         raise ValueError("actors, batch_size and threads_per_actor must be >= 1 and cpus_per_actor > 0")
-    checked = _check(model_uri, data_uri, output_uri, split, threshold)
+    checked = _check(model_uri, data_uri, output_uri, split, threshold, gate)
+    if checked.gate != "none" and checked.ungated_rows:
+        logging.getLogger(__name__).warning(
+            "gate %s: %d of %d rows have no anatomy mask; their maps are not gated",
+            checked.gate,
+            checked.ungated_rows,
+            checked.rows,
+        )
     plan = volume_plan(data_uri, checked.splits, nifti_orientation) if nifti_out else None
     ray_init()
     gpus = _gpus_per_actor(gpus_per_actor)
@@ -531,6 +592,8 @@ def run_localize(
             "gt_maps": gt_maps,
             "actors": actors,
             "threads_per_actor": threads,
+            "gate": checked.gate,
+            "ungated_rows": checked.ungated_rows,
         },
     )
     if progress is not None:
@@ -538,4 +601,5 @@ def run_localize(
     files = (
         predictions_to_nifti(output_uri, data_uri, nifti_out, nifti_orientation, plan) if nifti_out else []
     )
-    return LocalizeResult(output_uri, info, time.perf_counter() - started, files)
+    seconds = time.perf_counter() - started
+    return LocalizeResult(output_uri, info, seconds, files, checked.gate, checked.ungated_rows)

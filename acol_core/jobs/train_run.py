@@ -140,14 +140,19 @@ class TrainRunResult:
 
 
 def _decode(
-    batch: dict[str, np.ndarray], in_channels: int, size: int, augment: bool, with_masks: bool
+    batch: dict[str, np.ndarray],
+    in_channels: int,
+    size: int,
+    augment: bool,
+    with_masks: bool,
+    intensity: float = 0.0,
 ) -> dict:
     from acol_core.data.transforms import augment_batch, decode_rows
 
     out = decode_rows(batch, in_channels, size, with_masks=with_masks)
     if augment:
         # Unseeded on purpose: each epoch re-runs this task, so each epoch sees new augmentations.
-        out = augment_batch(out, np.random.default_rng())
+        out = augment_batch(out, np.random.default_rng(), intensity=intensity)
     return out
 
 
@@ -181,6 +186,7 @@ def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = Fal
                 "size": config.image_size,
                 "augment": augment,
                 "with_masks": split != "train",
+                "intensity": config.intensity_augment,
             },
             batch_format="numpy",
             batch_size=_VAL_BATCH,

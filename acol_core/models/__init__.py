@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .backbones import Backbone, ResNet50Backbone, TinyBackbone, Vgg16Backbone
 from .coattention import (
+    INFER_MAPS,
     PAIR_POLICIES,
     AcolCoattModel,
     CoAttention,
@@ -24,7 +25,19 @@ from .coattention import (
     pair_targets,
     sample_partners,
 )
-from .erase import FUSIONS, erase_features, erase_mask, fuse_maps, fuse_max, normalize_maps, select_class_maps
+from .erase import (
+    ANATOMY_MODES,
+    FUSIONS,
+    check_shared_anatomy,
+    competition_masks,
+    competitive_pool,
+    erase_features,
+    erase_mask,
+    fuse_maps,
+    fuse_max,
+    normalize_maps,
+    select_class_maps,
+)
 from .heads import AcolModel, CamModel, ClassMapHead, WsolModel, multi_hot_targets
 from .pretrained import adapt_first_conv, load_pretrained
 from .registry import (
@@ -38,7 +51,12 @@ from .registry import (
 )
 
 __all__ = [
+    "ANATOMY_MODES",
+    "INFER_MAPS",
     "check_model_options",
+    "check_shared_anatomy",
+    "competition_masks",
+    "competitive_pool",
     "PAIR_POLICIES",
     "AcolCoattModel",
     "AcolModel",

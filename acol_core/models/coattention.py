@@ -44,6 +44,12 @@ among images predicted as that class, then min-max normalises (the reference's t
 an image with no such partner keeps its own map. In eval mode partners come from a fixed-seed generator,
 so a batch's maps are repeatable; in training from torch's global RNG (seeded by the train loop).
 
+`infer_map`: "single" (default, the paper's: the single-image map above) or "contrast": the map of the
+contrastive features F_{m\\n} for the target class, with a partner n of another (predicted) class drawn
+from the batch; what the pair shares (for a tumour slice and a healthy one: the head, skull and scalp)
+is gated away, so the map keeps what is specific to the image. An image with no partner of another
+class in its batch keeps its own map. Excludes `infer_partners` > 0 (they are two different maps).
+
 Examples:
     >>> import torch
     >>> from acol_core.models import create_model
@@ -64,12 +70,13 @@ from torch import Tensor, nn
 
 from .backbones import Backbone
 from .erase import check_delta, check_fusion, erase_features, fuse_maps, normalize_maps, select_class_maps
-from .heads import ClassMapHead, WsolModel, gap, head_size, row_weights, weighted_mean
+from .heads import ClassMapHead, WsolModel, head_size, row_weights, weighted_mean
 from .registry import register_model
 
 __all__ = [
     "AFFINITY_BUDGET_BYTES",
     "ATTENTION_PATHS",
+    "INFER_MAPS",
     "PAIR_POLICIES",
     "AcolCoattModel",
     "CoAttention",
@@ -88,6 +95,7 @@ __all__ = [
 ]
 
 PAIR_POLICIES = ("same", "different", "mixed")
+INFER_MAPS = ("single", "contrast")
 EVAL_PAIR_SEED = 0
 ATTENTION_PATHS = ("auto", "materialised", "sdpa")
 # Largest affinity (bytes, whole batch) that `attend` builds whole; see `attention_path`.
@@ -329,16 +337,24 @@ class CoattModel(WsolModel):
         w_common: float = 1.0,
         w_contrast: float = 1.0,
         infer_partners: int = 0,
-        shared_anatomy: bool = False,
+        infer_map: str = "single",
+        shared_anatomy: bool | str = False,
     ) -> None:
         super().__init__(backbone, num_classes, shared_anatomy)
         if pair_policy not in PAIR_POLICIES:
             raise ValueError(f"pair_policy must be one of {', '.join(PAIR_POLICIES)}, got {pair_policy!r}")
         if int(infer_partners) < 0:
             raise ValueError(f"infer_partners must be >= 0, got {infer_partners!r}")
+        if infer_map not in INFER_MAPS:
+            raise ValueError(f"infer_map must be one of {', '.join(INFER_MAPS)}, got {infer_map!r}")
+        if infer_map == "contrast" and int(infer_partners):
+            raise ValueError(
+                "infer_map='contrast' uses one partner of another class: it needs infer_partners=0"
+            )
         self.pair_policy = pair_policy
         self.infer_partners = int(infer_partners)
-        self.head = ClassMapHead(backbone.out_channels, self.num_outputs, head_width, head_depth)
+        self.infer_map = infer_map
+        self.head = ClassMapHead(backbone.out_channels, self.num_maps, head_width, head_depth)
         self.coattention = CoAttention(head_width if head_depth > 0 else backbone.out_channels)
         weights = _check_weights(w_single=w_single, w_common=w_common, w_contrast=w_contrast)
         self.loss_weights = {
@@ -362,9 +378,12 @@ class CoattModel(WsolModel):
 
     @torch.no_grad()
     def _anchor_map(self, features: Tensor, maps_single: Tensor, logits: Tensor, target: Tensor) -> Tensor:
-        """Normalised map of the target class: own map, or co-attended maps averaged over partners."""
-        own = select_class_maps(maps_single, target)
+        """Normalised map of the target class: own map, co-attended maps averaged over partners, or the
+        contrastive map against a partner of another class (`infer_map`)."""
+        own = select_class_maps(self.evidence(maps_single), target)
         n, k = features.shape[0], self.infer_partners
+        if self.infer_map == "contrast" and n >= 2:
+            return self._contrast_map(features, own, target)
         if k == 0 or n < 2:
             return normalize_maps(own)
         predicted = self.class_logits(logits).argmax(dim=1)
@@ -373,23 +392,31 @@ class CoattModel(WsolModel):
         k = idx.shape[1]
         weight = self.coattention.affinity.weight
         attended = attend(features.repeat_interleave(k, dim=0), features[idx.flatten()], weight)
-        maps = select_class_maps(self.head.classifier(attended), target.repeat_interleave(k))
+        maps = select_class_maps(self.evidence(self.head.classifier(attended)), target.repeat_interleave(k))
         maps = maps.view(n, k, *own.shape[1:])
         weights = ok.to(maps.dtype)[..., None, None]
         mean = (maps * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         return normalize_maps(torch.where(ok.any(dim=1)[:, None, None], mean, own))
 
+    def _contrast_map(self, features: Tensor, own: Tensor, target: Tensor) -> Tensor:
+        """Normalised target-class map of the contrastive features against a partner of another class."""
+        valid = target[None, :] != target[:, None]
+        idx, ok = sample_partners(valid, 1, self._generator())
+        _, contrast = self.coattention(features, features[idx[:, 0]])
+        maps = select_class_maps(self.evidence(self.head.classifier(contrast)), target)
+        return normalize_maps(torch.where(ok[:, 0, None, None], maps, own))
+
     def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
         features = self.head.trunk(self.backbone(x))
         maps_single = self.head.classifier(features)
-        logits = gap(maps_single)
+        logits = self.pool(maps_single)
         target = self.target_classes(self.class_logits(logits), labels)
         partners, maps_common, maps_contrast = self._pair_branches(features, target)
         cam = self._anchor_map(features, maps_single, logits, target)
         maps = {"single": maps_single, "common": maps_common, "contrast": maps_contrast}
         return {
             "logits": self.class_logits(logits),
-            "branch_logits": [gap(m) for m in maps.values()],
+            "branch_logits": [self.pool(m) for m in maps.values()],
             "maps": maps,
             "cam": cam,
             "partners": partners,
@@ -444,29 +471,32 @@ class AcolCoattModel(CoattModel):
         super().__init__(backbone, num_classes, head_width=head_width, head_depth=head_depth, **options)
         self.delta = check_delta(delta)
         self.fusion = check_fusion(fusion)
-        if self.fusion == "joint" and self.infer_partners:
-            raise ValueError("fusion='joint' fuses the raw single-image maps: it needs infer_partners=0")
-        self.head_b = ClassMapHead(backbone.out_channels, self.num_outputs, head_width, head_depth)
+        if self.fusion == "joint" and (self.infer_partners or self.infer_map != "single"):
+            raise ValueError(
+                "fusion='joint' fuses the raw single-image maps: it needs infer_partners=0, infer_map='single'"
+            )
+        self.head_b = ClassMapHead(backbone.out_channels, self.num_maps, head_width, head_depth)
         self.loss_weights["sm_b"] = _check_weights(w_erased=w_erased)["w_erased"]
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
         backbone_features = self.backbone(x)
         features = self.head.trunk(backbone_features)
         maps_a = self.head.classifier(features)
-        logits_a = gap(maps_a)
+        logits_a = self.pool(maps_a)
         target = self.target_classes(self.class_logits(logits_a), labels)
         partners, maps_common, maps_contrast = self._pair_branches(features, target)
         with torch.no_grad():
-            norm_a = normalize_maps(select_class_maps(maps_a, target))
+            raw_a = select_class_maps(self.evidence(maps_a), target)
+            norm_a = normalize_maps(raw_a)
         maps_b = self.head_b(erase_features(backbone_features, norm_a, self.delta))
         with torch.no_grad():
-            cam_a = self._anchor_map(features, maps_a, logits_a, target) if self.infer_partners else norm_a
-            raw_a, raw_b = select_class_maps(maps_a, target), select_class_maps(maps_b, target)
-            cam = fuse_maps(raw_a, raw_b, self.fusion, cam_a)
+            own_only = self.infer_partners == 0 and self.infer_map == "single"
+            cam_a = norm_a if own_only else self._anchor_map(features, maps_a, logits_a, target)
+            cam = fuse_maps(raw_a, select_class_maps(self.evidence(maps_b), target), self.fusion, cam_a)
         maps = {"a": maps_a, "common": maps_common, "contrast": maps_contrast, "b": maps_b}
         return {
             "logits": self.class_logits(logits_a),
-            "branch_logits": [gap(m) for m in maps.values()],
+            "branch_logits": [self.pool(m) for m in maps.values()],
             "maps": maps,
             "cam": cam,
             "partners": partners,
@@ -496,9 +526,13 @@ def coatt(
     w_common: float = 1.0,
     w_contrast: float = 1.0,
     infer_partners: int = 0,
-    shared_anatomy: bool = False,
+    infer_map: str = "single",
+    shared_anatomy: bool | str = False,
 ) -> CoattModel:
-    """Co-attention (Sun et al. 2020) with in-batch pairs; head size defaults as for `cam`."""
+    """Co-attention (Sun et al. 2020) with in-batch pairs; head size defaults as for `cam`.
+
+    `infer_map="contrast"` localises with the contrastive map against a partner of another class.
+    """
     width, depth = head_size(backbone, head_width, head_depth)
     return CoattModel(
         backbone,
@@ -510,6 +544,7 @@ def coatt(
         w_common=w_common,
         w_contrast=w_contrast,
         infer_partners=infer_partners,
+        infer_map=infer_map,
         shared_anatomy=shared_anatomy,
     )
 
@@ -529,7 +564,8 @@ def acol_coatt(
     w_erased: float = 1.0,
     fusion: str = "max",
     infer_partners: int = 0,
-    shared_anatomy: bool = False,
+    infer_map: str = "single",
+    shared_anatomy: bool | str = False,
 ) -> AcolCoattModel:
     """ACoL's erased branch B on a co-attention branch A; `w_erased` weighs B's loss, `fusion` as ACoL's."""
     width, depth = head_size(backbone, head_width, head_depth)
@@ -546,5 +582,6 @@ def acol_coatt(
         w_common=w_common,
         w_contrast=w_contrast,
         infer_partners=infer_partners,
+        infer_map=infer_map,
         shared_anatomy=shared_anatomy,
     )

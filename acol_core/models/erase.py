@@ -1,4 +1,5 @@
-"""Pure tensor functions behind the heads: map normalisation, ACoL's erase, class-map selection, fusion.
+"""Pure tensor functions behind the heads: map normalisation, ACoL's erase, class-map selection, fusion,
+and the competition of class, anatomy and background channels for positions (`shared_anatomy="compete"`).
 
 Modules in `heads.py` are thin wrappers around these (wsolevaluation's `_erase_attention` style), so the
 arithmetic is tested on hand-built tensors.
@@ -19,7 +20,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ANATOMY_MODES",
     "check_delta",
+    "check_shared_anatomy",
+    "competition_masks",
+    "competitive_pool",
     "erase_features",
     "erase_mask",
     "FUSIONS",
@@ -30,6 +35,9 @@ __all__ = [
     "select_class_maps",
 ]
 
+
+# `shared_anatomy` values: off, the always-on sigmoid label, or the label competing for positions.
+ANATOMY_MODES: tuple[bool | str, ...] = (False, True, "compete")
 
 # How a two-branch model (ACoL, ACoL on co-attention) turns its branches' maps into one localisation map.
 FUSIONS = ("max", "mean", "joint", "a")
@@ -151,3 +159,41 @@ def fuse_maps(map_a: Tensor, map_b: Tensor, fusion: str, norm_a: Tensor | None =
     if fusion == "mean":
         return (first + second) / 2
     return fuse_max(first, second)
+
+
+def check_shared_anatomy(value: bool | str) -> bool | str:
+    """Return `value` if it is one of `ANATOMY_MODES` (false, true, "compete"), else raise ValueError."""
+    if isinstance(value, bool) or value == "compete":
+        return value
+    raise ValueError(f"shared_anatomy must be false, true or 'compete', got {value!r}")
+
+
+def competition_masks(maps: Tensor) -> Tensor:
+    """Per-position softmax over the channels of N×K×h×w raw maps: each position's share per channel."""
+    if maps.dim() != 4:
+        raise ValueError(f"maps must be N×K×h×w, got shape {tuple(maps.shape)}")
+    return maps.float().softmax(dim=1)
+
+
+def competitive_pool(maps: Tensor, eps: float = 1.0, power: float = 3.0, floor: float = 0.01) -> Tensor:
+    """Image scores of channels that compete for positions: N×K×h×w raw maps -> N×(K−1) scores.
+
+    The last channel is background and gets no score. Each position's softmax over the K channels
+    (`competition_masks`) splits it among them; a channel's score is its raw map averaged under its own
+    mask (normalised global weighted pooling, Araslanov & Roth, CVPR 2020) plus a focal size term
+    ``(1 − m̄)^power · log(floor + m̄)`` on its mean mask m̄, which is very negative for a channel that
+    holds no position and ~0 for one that holds many. A position can then pay off for one channel only:
+    what an always-present channel explains is taken from the class channels. `eps` keeps an empty
+    channel's weighted mean finite.
+
+    Examples:
+        >>> maps = torch.zeros(1, 3, 2, 2); maps[0, 0, 0, 0] = 9.0  # class 0 owns one position
+        >>> competitive_pool(maps).argmax(dim=1).item()
+        0
+    """
+    masks = competition_masks(maps)[:, :-1]
+    scored = maps[:, :-1].float()
+    mass = masks.sum(dim=(-2, -1))
+    weighted = (masks * scored).sum(dim=(-2, -1)) / (eps + mass)
+    share = masks.mean(dim=(-2, -1))
+    return weighted + (1.0 - share).pow(power) * torch.log(floor + share)

@@ -3,11 +3,22 @@
 The `WsolModel` base class fixes the contract every registered model keeps (co-attention models too), so
 the train loop, the localiser and the sweeps treat all models alike.
 
-Shared-anatomy label (`shared_anatomy=True`, every model): the classifier gets one extra output channel,
-"anatomy", whose target is 1 for every image, and the loss becomes the multi-label soft margin over
-[one-hot(label), 1]. Evidence common to all MRI slices (the skull) then pays off through the anatomy
-channel, so the tumour map has no reason to take it. "logits" stay N×C over the real classes (accuracy
-and prediction code are unchanged); "branch_logits" and "maps" carry the extra channel last.
+Shared-anatomy label (`shared_anatomy`, every model): every image also carries an "anatomy" label (for
+MRI slices: "head", whatever the tumour label), scored by one extra output channel, and the loss becomes
+the multi-label soft margin over [one-hot(label), 1]. Two forms:
+
+- ``True`` ("label"): the anatomy channel is one more GAP-pooled map. It is always positive, so it can
+  learn to fire anywhere; nothing in the loss makes it take positions away from the class maps, and the
+  tumour map may keep the skull.
+- ``"compete"``: the head outputs one more map, background, and each position's softmax over
+  [classes, anatomy, background] splits it among the channels (`erase.competitive_pool`: normalised
+  global weighted pooling with a size term). A position explained by anatomy (present in every slice)
+  is no longer tumour evidence, so the class map keeps what differs between classes. Its localisation
+  map is the class channel's softmax share, not the raw map.
+
+"logits" stay N×C over the real classes (accuracy and prediction code are unchanged); "branch_logits"
+carry the anatomy score last (N×(C+1)); "maps" carry the anatomy map (and, with ``"compete"``, then the
+background map) after the class maps.
 
 Examples:
     >>> import torch
@@ -27,7 +38,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Backbone
-from .erase import check_delta, check_fusion, erase_features, fuse_maps, normalize_maps, select_class_maps
+from .erase import (
+    check_delta,
+    check_fusion,
+    check_shared_anatomy,
+    competition_masks,
+    competitive_pool,
+    erase_features,
+    fuse_maps,
+    normalize_maps,
+    select_class_maps,
+)
 from .registry import register_model
 
 __all__ = [
@@ -122,7 +143,8 @@ class WsolModel(nn.Module):
             "logits": N×C prediction logits (the real classes only);
             "branch_logits": list of N×K logits, each of which receives a loss (K = `num_outputs`:
                 C, or C + 1 with the anatomy channel last);
-            "maps": dict branch name -> N×K×h×w raw class maps (before GAP);
+            "maps": dict branch name -> N×M×h×w raw class maps before pooling (M = `num_maps`: K, or
+                K + 1 with the background map last when `shared_anatomy="compete"`);
             "cam": N×h×w fused map in [0, 1] (min-max per image, no gradient) for the target class:
                 `labels` when given, else the argmax of "logits".
             Subclasses may add keys and keyword inputs (e.g. an image pairing) but keep these.
@@ -134,28 +156,47 @@ class WsolModel(nn.Module):
 
     Attributes:
         branch_names: names of the branches, in the order of "branch_logits".
-        shared_anatomy: whether the classifier has the extra, always-on "anatomy" channel.
+        shared_anatomy: False, True (the extra always-on "anatomy" channel) or "compete" (anatomy and
+            background channels competing with the classes for positions).
         config: set by `create_model`; `create_model(**model.config)` rebuilds the architecture.
     """
 
     branch_names: tuple[str, ...] = ()
 
-    def __init__(self, backbone: Backbone, num_classes: int, shared_anatomy: bool = False) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int, shared_anatomy: bool | str = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = int(num_classes)
-        self.shared_anatomy = bool(shared_anatomy)
+        self.shared_anatomy = check_shared_anatomy(shared_anatomy)
         self.config: dict[str, Any] = {}
 
     @property
+    def competing(self) -> bool:
+        """Whether the channels compete for positions (``shared_anatomy="compete"``)."""
+        return self.shared_anatomy == "compete"
+
+    @property
     def num_outputs(self) -> int:
-        """Classifier channels: the classes, plus one for the shared anatomy label."""
-        return self.num_classes + int(self.shared_anatomy)
+        """Scored channels: the classes, plus one for the shared anatomy label."""
+        return self.num_classes + int(bool(self.shared_anatomy))
+
+    @property
+    def num_maps(self) -> int:
+        """Map channels: the scored ones, plus background when they compete."""
+        return self.num_outputs + int(self.competing)
+
+    def pool(self, maps: Tensor) -> Tensor:
+        """N×M×h×w raw maps -> N×K image scores: GAP, or `competitive_pool` when competing."""
+        return competitive_pool(maps) if self.competing else gap(maps)
+
+    def evidence(self, maps: Tensor) -> Tensor:
+        """The maps localisation reads: the raw maps, or each channel's share of the positions."""
+        return competition_masks(maps) if self.competing else maps
 
     @property
     def loss_names(self) -> tuple[str, ...]:
         """Keys of the loss parts: `ce_<branch>`, or `sm_<branch>` (soft margin) with shared anatomy."""
-        prefix = "sm" if self.shared_anatomy else "ce"
+        prefix = "sm" if self.shared_anatomy is not False else "ce"
         return tuple(f"{prefix}_{name}" for name in self.branch_names)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
@@ -163,7 +204,7 @@ class WsolModel(nn.Module):
 
     def targets(self, labels: Tensor) -> Tensor:
         """N×K multi-hot targets of `labels` (with the anatomy column when `shared_anatomy`)."""
-        return multi_hot_targets(labels, self.num_classes, self.shared_anatomy)
+        return multi_hot_targets(labels, self.num_classes, self.shared_anatomy is not False)
 
     def class_logits(self, logits: Tensor) -> Tensor:
         """The real classes' logits: drops the anatomy channel."""
@@ -179,7 +220,7 @@ class WsolModel(nn.Module):
         """
         branch_logits = outputs["branch_logits"]
         weights = row_weights(labels, class_weights)
-        if self.shared_anatomy:
+        if self.shared_anatomy is not False:
             targets = self.targets(labels).to(branch_logits[0].device)
             if weights is None:
                 values = [F.multilabel_soft_margin_loss(logits.float(), targets) for logits in branch_logits]
@@ -233,17 +274,17 @@ class CamModel(WsolModel):
         num_classes: int,
         head_width: int,
         head_depth: int,
-        shared_anatomy: bool = False,
+        shared_anatomy: bool | str = False,
     ) -> None:
         super().__init__(backbone, num_classes, shared_anatomy)
-        self.head = ClassMapHead(backbone.out_channels, self.num_outputs, head_width, head_depth)
+        self.head = ClassMapHead(backbone.out_channels, self.num_maps, head_width, head_depth)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
         maps = self.head(self.backbone(x))
-        full = gap(maps)
+        full = self.pool(maps)
         logits = self.class_logits(full)
         with torch.no_grad():
-            cam = normalize_maps(select_class_maps(maps, self.target_classes(logits, labels)))
+            cam = normalize_maps(select_class_maps(self.evidence(maps), self.target_classes(logits, labels)))
         return {"logits": logits, "branch_logits": [full], "maps": {"main": maps}, "cam": cam}
 
 
@@ -265,28 +306,27 @@ class AcolModel(WsolModel):
         delta: float,
         head_width: int,
         head_depth: int,
-        shared_anatomy: bool = False,
+        shared_anatomy: bool | str = False,
         fusion: str = "max",
     ) -> None:
         super().__init__(backbone, num_classes, shared_anatomy)
         self.delta = check_delta(delta)
         self.fusion = check_fusion(fusion)
-        self.head_a = ClassMapHead(backbone.out_channels, self.num_outputs, head_width, head_depth)
-        self.head_b = ClassMapHead(backbone.out_channels, self.num_outputs, head_width, head_depth)
+        self.head_a = ClassMapHead(backbone.out_channels, self.num_maps, head_width, head_depth)
+        self.head_b = ClassMapHead(backbone.out_channels, self.num_maps, head_width, head_depth)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
         features = self.backbone(x)
         maps_a = self.head_a(features)
-        logits_a = gap(maps_a)
+        logits_a = self.pool(maps_a)
         target = self.target_classes(self.class_logits(logits_a), labels)
         with torch.no_grad():
-            norm_a = normalize_maps(select_class_maps(maps_a, target))
+            raw_a = select_class_maps(self.evidence(maps_a), target)
+            norm_a = normalize_maps(raw_a)
         maps_b = self.head_b(erase_features(features, norm_a, self.delta))
-        logits_b = gap(maps_b)
+        logits_b = self.pool(maps_b)
         with torch.no_grad():
-            cam = fuse_maps(
-                select_class_maps(maps_a, target), select_class_maps(maps_b, target), self.fusion, norm_a
-            )
+            cam = fuse_maps(raw_a, select_class_maps(self.evidence(maps_b), target), self.fusion, norm_a)
         return {
             "logits": self.class_logits(logits_a),
             "branch_logits": [logits_a, logits_b],
@@ -310,9 +350,12 @@ def cam(
     *,
     head_width: int | None = None,
     head_depth: int | None = None,
-    shared_anatomy: bool = False,
+    shared_anatomy: bool | str = False,
 ) -> CamModel:
-    """CAM head; `head_width`/`head_depth` default to the backbone's (1024/2 for vgg16 and resnet50)."""
+    """CAM head; `head_width`/`head_depth` default to the backbone's (1024/2 for vgg16 and resnet50).
+
+    `shared_anatomy`: False, True (always-on anatomy label) or "compete" (see the module docstring).
+    """
     return CamModel(backbone, num_classes, *head_size(backbone, head_width, head_depth), shared_anatomy)
 
 
@@ -324,7 +367,7 @@ def acol(
     delta: float = 0.6,
     head_width: int | None = None,
     head_depth: int | None = None,
-    shared_anatomy: bool = False,
+    shared_anatomy: bool | str = False,
     fusion: str = "max",
 ) -> AcolModel:
     """ACoL with erase threshold `delta` in (0, 1) and map `fusion` (max, mean, joint, a); head as `cam`'s."""
