@@ -42,7 +42,17 @@ __all__ = [
     "reroute_logs",
 ]
 
-_QUIET_LOGGERS = ("ray", "prefect", "py.warnings", "distributed", "filelock", "asyncio")
+_QUIET_LOGGERS = (
+    "ray",
+    "prefect",
+    "py.warnings",
+    "optuna",
+    "uvicorn",
+    "httpx",
+    "alembic",
+    "asyncio",
+    "filelock",
+)
 _state: dict[str, Any] = {"quiet": False, "handler": None}
 
 
@@ -67,7 +77,8 @@ def quiet_logs(log_file: str | Path | None, verbose: bool = False) -> Path | Non
     _state["quiet"] = True
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune prints nothing at verbose=0 then
     path = Path(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)

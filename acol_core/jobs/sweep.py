@@ -49,9 +49,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from acol_core.config import ConfigError, TrainConfig
+from acol_core.console import print_err, quiet, reroute_logs
 from acol_core.errors import one_line
 from acol_core.selection import BALANCED_ACCURACY, MIN_CLASS_ROWS, best_within_margin, val_class_rows
 
@@ -635,6 +637,7 @@ def run_sweep(
     _check_data(data_uri)
     check_reachable(storage_uri)
     ray_init(dashboard=True)
+    reroute_logs()  # Optuna and Tune add their terminal handlers on import
     sweep_uri = join(storage_uri, name)
     settings = _TrialSettings(
         sweep=name,
@@ -681,11 +684,44 @@ def run_sweep(
                 trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name,
             ),
-            run_config=ray.tune.RunConfig(name=name, storage_path=parent_path, storage_filesystem=fs),
+            run_config=ray.tune.RunConfig(
+                name=name,
+                storage_path=parent_path,
+                storage_filesystem=fs,
+                # Quiet: one line per trial event (below) instead of Tune's status tables.
+                verbose=0 if quiet() else None,
+                callbacks=[_TrialLines(space.metric)] if quiet() else None,
+            ),
         )
     grid = tuner.fit()
     rows = sweep_table(grid, space, sweep_uri, storage_uri)
     return write_sweep_outputs(rows, space, sweep_uri, data_uri, evaluate_test=evaluate_test)
+
+
+class _TrialLines(ray.tune.Callback):
+    """One line per trial event on the driver's terminal: started (its parameters), finished or stopped
+    (its last objective), failed (the first line of its error)."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in sorted((trial.config or {}).items()))
+        print_err(f"sweep: trial {trial.trial_id} started ({params})")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        value = result.get(self.metric)
+        shown = f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+        epochs = int(result.get("epoch", -1)) + 1
+        print_err(f"sweep: trial {trial.trial_id} ended after {epochs} epoch(s): {self.metric} {shown}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print_err(f"sweep: trial {trial.trial_id} failed (see the sweep table's error column)")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def experiment_trial_status(sweep_uri: str) -> dict[str, str]:
