@@ -36,7 +36,8 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
     num_classes: int = 2
-    in_channels: int = 1
+    # None: the dataset's channel count (its manifest's ``preparation.channels``; 1 without a dataset).
+    in_channels: int | None = None
     image_size: int = 128
     epochs: int = 10
     batch_size: int = 16
@@ -66,6 +67,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.in_channels is not None and not 1 <= int(self.in_channels) <= 4:
+            raise ConfigError(f"in_channels must be 1..4 (or unset: the dataset's), got {self.in_channels}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
@@ -101,6 +104,11 @@ class TrainConfig:
         if not (isinstance(anatomy, bool) or anatomy == "compete"):
             raise ConfigError(f"shared_anatomy must be false, true or 'compete', got {anatomy!r}")
         # --- end skull remedies
+
+    @property
+    def channels(self) -> int:
+        """The input channel count models are built with: ``in_channels``, or 1 while it is unset."""
+        return int(self.in_channels or 1)
 
     @property
     def effective_head_lr_mult(self) -> float:

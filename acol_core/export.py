@@ -63,7 +63,7 @@ def export_bytes(model: nn.Module, config: TrainConfig, class_names: list[str], 
         "config": config.to_dict(),
         "class_names": list(class_names),
         "input_size": config.image_size,
-        "in_channels": config.in_channels,
+        "in_channels": config.channels,
         "normalization": NORMALIZATION,
         "extra": extra,
     }
@@ -137,7 +137,7 @@ def load_exported(
     model = create_model(
         cfg.model,
         num_classes=cfg.num_classes,
-        in_channels=cfg.in_channels,
+        in_channels=cfg.channels,
         backbone=cfg.backbone,
         **cfg.model_options,
     )

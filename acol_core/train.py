@@ -105,7 +105,7 @@ def build_model(config: TrainConfig) -> nn.Module:
     return create_model(
         config.model,
         num_classes=config.num_classes,
-        in_channels=config.in_channels,
+        in_channels=config.channels,
         backbone=config.backbone,
         pretrained=config.pretrained,
         **config.model_options,

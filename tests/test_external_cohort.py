@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from volumes import head_model, subject
 
 from acol_core.cli import app
+from acol_core.export import read_export_info
+from acol_core.storage import read_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -27,12 +29,13 @@ def _cli(*args: str) -> dict[str, Any]:
 
 def test_train_on_one_cohort_evaluate_another(tmp_path: Path, local_ray: None) -> None:
     brain = head_model()["brain"]
+    # Two modalities: models take the dataset's channel count unless a config sets in_channels.
     for i in range(8):
-        subject(tmp_path / "site_a", f"a{i}", brain, seed=i)
+        subject(tmp_path / "site_a", f"a{i}", brain, seed=i, flair=True)
     for i in range(3):
-        subject(tmp_path / "site_b", f"b{i}", brain, seed=100 + i)
+        subject(tmp_path / "site_b", f"b{i}", brain, seed=100 + i, flair=True)
     data_a, data_b = str(tmp_path / "data_a"), str(tmp_path / "data_b")
-    nifti = ("--source", "nifti", "-o", "min_tumour_pixels=3")
+    nifti = ("--source", "nifti", "-o", "min_tumour_pixels=3", "-o", "modalities=[t1c,flair]")
     _cli(
         "prepare",
         *nifti,
@@ -55,6 +58,7 @@ def test_train_on_one_cohort_evaluate_another(tmp_path: Path, local_ray: None) -
         "--config", str(config),
     )  # fmt: skip
     model = trained["model"]
+    assert read_export_info(read_bytes(model)).config.in_channels == 2
     pred_a, pred_b = str(tmp_path / "pred_a"), str(tmp_path / "pred_b")
     _cli("localize", "--model", model, "--data", data_a, "--output", pred_a, "--split", "val")
     _cli("localize", "--model", model, "--data", data_b, "--output", pred_b, "--split", "test")

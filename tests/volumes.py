@@ -39,10 +39,18 @@ def save_volume(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> No
 
 
 def subject(
-    root: Path, name: str, brain: np.ndarray | None = None, brain_affine=AFFINE, seed: int = 0
+    root: Path,
+    name: str,
+    brain: np.ndarray | None = None,
+    brain_affine=AFFINE,
+    seed: int = 0,
+    flair: bool = False,
 ) -> None:
+    """One subject folder: t1c (and, with ``flair``, a second modality), seg, optional brain mask."""
     model = head_model()
     save_volume(root / name / f"{name}_t1c.nii.gz", t1_volume(model, seed))
+    if flair:
+        save_volume(root / name / f"{name}_flair.nii.gz", t1_volume(model, seed + 1000))
     save_volume(root / name / f"{name}_seg.nii.gz", model["tumour"].astype(np.uint8))
     if brain is not None:
         save_volume(root / name / f"{name}_brainmask.nii.gz", brain.astype(np.uint8), brain_affine)

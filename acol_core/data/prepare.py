@@ -123,6 +123,7 @@ class ShardResult:
     rejects: list[Reject] = field(default_factory=list)
     image_ids: list[str] = field(default_factory=list)
     fullsup_candidates: list[tuple[str, int]] = field(default_factory=list)
+    channels: int = 0  # the most image channels of any accepted row
 
 
 def _source_options(source: str, input_uri: str | None, seed: int, options: dict[str, Any]) -> dict[str, Any]:
@@ -227,6 +228,9 @@ def run_shard(plan: PreparePlan, index: int, source: Source | None = None) -> Sh
             # The plan owns subject and split, so a subject can never straddle two splits.
             record.subject_id, record.split, record.fullsup = subject, split, False
             records.append(record)
+            result.channels = max(
+                result.channels, 1 if record.image.ndim == 2 else int(record.image.shape[-1])
+            )
             if split == "val" and record.label >= 0 and _has_ground_truth(record):
                 result.fullsup_candidates.append((record.image_id, record.label))
     result.image_ids = [r.image_id for r in records]
@@ -286,6 +290,8 @@ def finish_dataset(plan: PreparePlan, results: Sequence[ShardResult]) -> Manifes
             "fullsup_policy": plan.fullsup_policy(),
             "rows_per_shard": plan.rows_per_shard,
             "splits": list(SPLITS),
+            # What models trained on this dataset take as input unless a config says otherwise.
+            "channels": max((r.channels for r in results), default=1) or 1,
         },
     )
 

@@ -413,7 +413,7 @@ def check_trial_config(config: TrainConfig) -> None:
         create_model(
             config.model,
             num_classes=config.num_classes,
-            in_channels=config.in_channels,
+            in_channels=config.channels,
             backbone=config.backbone,
             **config.model_options,
         )
@@ -1086,7 +1086,7 @@ def evaluate_model_on_split(
     def batches() -> Any:
         for start in range(0, table.num_rows, batch_size):
             rows = table.slice(start, batch_size).to_pydict()
-            yield decode_rows(rows, config.in_channels, config.image_size, with_masks=True)
+            yield decode_rows(rows, config.channels, config.image_size, with_masks=True)
 
     pred = predict(model, batches(), device, config.amp)
     metrics = localization_metrics(pred, step=config.val_step)

@@ -182,7 +182,7 @@ def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = Fal
         datasets[split] = ds.map_batches(
             _decode,
             fn_kwargs={
-                "in_channels": config.in_channels,
+                "in_channels": config.channels,
                 "size": config.image_size,
                 "augment": augment,
                 "with_masks": split != "train",
@@ -297,7 +297,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     has_val = bool(loop_config.get("has_val"))
     size = config.image_size
-    row_bytes = config.in_channels * size * size * 4 + 2 * size * size + 16
+    row_bytes = config.channels * size * size * 4 + 2 * size * size + 16
     val_cached = has_val and loop_config.get("val_rows", 0) * row_bytes <= VAL_CACHE_BYTES
     # Each epoch's Ray Data execution starts while the previous epoch validates and checkpoints, unless
     # validation itself reads through Ray Data: two executions at once (the val read and the next
@@ -465,6 +465,9 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
         raise ValueError(f"{options.data}: the dataset has no 'train' rows")
     if len(manifest.class_names) != config.num_classes:
         config = config.replace(num_classes=len(manifest.class_names), class_weights=None)
+    if config.in_channels is None:
+        # Datasets prepared before the manifest recorded channels: 1 (images are then averaged).
+        config = config.replace(in_channels=int(manifest.preparation.get("channels", 1)))
     config, balance = apply_class_balance(config, _train_class_counts(options.data, manifest))
     ray_init()
     datasets = build_datasets(options.data, config, options.deterministic)
