@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from acol_core.errors import UserError
 from acol_core.localize import normalize_cam
 
 __all__ = ["GATES", "GateError", "GatedMaps", "check_gate", "gate_cam", "gate_maps"]
@@ -28,7 +29,7 @@ __all__ = ["GATES", "GateError", "GatedMaps", "check_gate", "gate_cam", "gate_ma
 GATES = ("none", "anatomy")
 
 
-class GateError(ValueError):
+class GateError(UserError, ValueError):
     """An unknown gate, or a mask that does not fit its map."""
 
 

@@ -21,6 +21,8 @@ A study config is YAML::
     models:
       - {label: cam, model: cam}
       - {label: acol, model: acol, options: {delta: 0.9}}
+      - {label: cam+mri-aug, model: cam, train: {intensity_augment: 0.5}}   # TrainConfig overrides
+      - {label: cam+gate, model: cam, localize: {gate: anatomy}}            # localize options
     train: {epochs: 12, image_size: 96, batch_size: 16, lr: 0.02}   # TrainConfig fields for every cell
 
 The layout under ``<storage>/<name>/``::
@@ -39,8 +41,8 @@ Every cell's outputs are committed files, so running the same command again skip
 Examples:
     >>> cfg = parse_study({"name": "s", "seeds": [0, 1, 2], "presets": {"p": {"data": "runs/d"}},
     ...                    "models": [{"model": "cam"}, {"label": "acol", "model": "acol"}]})
-    >>> [c.key for c in cfg.cells()][:2]
-    ['p/cam/seed-0', 'p/cam/seed-1']
+    >>> [c.key for c in cfg.cells()][:3]
+    ['p/cam/seed-0', 'p/acol/seed-0', 'p/cam/seed-1']
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ METRICS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("off_target_share", "off-target", ("localization", "overall", "off_target_share")),
 )
 _PRESET_KEYS = {"source", "input", "source_options", "fullsup_per_class", "seed", "data", "split_fractions"}
-_MODEL_KEYS = {"label", "model", "options"}
+_MODEL_KEYS = {"label", "model", "options", "train", "localize"}
+_LOCALIZE_KEYS = {"gate"}
 _TOP_KEYS = {"name", "description", "seeds", "baseline", "presets", "models", "train", "workers"}
 
 
@@ -103,10 +106,18 @@ class StudyCell:
     model: str
     options: dict[str, Any]
     seed: int
+    train: dict[str, Any] = field(default_factory=dict)
+    localize: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
         return f"{self.preset}/{self.label}/seed-{self.seed}"
+
+    @property
+    def training(self) -> str:
+        """What its training depends on: cells equal here (e.g. a model localized with and without a
+        gate) share one trained model."""
+        return json.dumps([self.preset, self.model, self.options, self.train, self.seed], sort_keys=True)
 
 
 @dataclass
@@ -121,17 +132,27 @@ class StudyConfig:
     workers: int = 1
 
     def cells(self) -> list[StudyCell]:
-        """Every (preset, model, seed), in that nesting order."""
+        """Every (preset, seed, model), in that nesting order: a study stopped half-way has whole seeds."""
         return [
-            StudyCell(preset, m["label"], m["model"], dict(m["options"]), seed)
+            StudyCell(preset, m["label"], m["model"], dict(m["options"]), seed, m["train"], m["localize"])
             for preset in self.presets
-            for m in self.models
             for seed in self.seeds
+            for m in self.models
         ]
+
+    def twin(self, cell: StudyCell) -> StudyCell:
+        """The first cell with the same training as ``cell`` (itself when none comes before it)."""
+        return next(c for c in self.cells() if c.training == cell.training)
 
     def train_config(self, cell: StudyCell) -> TrainConfig:
         return TrainConfig.from_dict(
-            {**self.train, "model": cell.model, "model_options": cell.options, "seed": cell.seed}
+            {
+                **self.train,
+                **cell.train,
+                "model": cell.model,
+                "model_options": cell.options,
+                "seed": cell.seed,
+            }
         )
 
     # ------------------------------------------------------------ layout
@@ -207,7 +228,28 @@ def _parse_models(raw: Any) -> list[dict[str, Any]]:
         if label in seen:
             raise _fail(where, f"label {label!r} used twice")
         seen.add(label)
-        models.append({"label": label, "model": name, "options": dict(spec.get("options") or {})})
+        train = dict(spec.get("train") or {})
+        for key in ("model", "model_options", "seed"):
+            if key in train:
+                raise _fail(f"{where}.train.{key}", "set by the model entry and the seeds, not here")
+        localize = dict(spec.get("localize") or {})
+        _known_keys(localize, _LOCALIZE_KEYS, f"{where}.localize")
+        if "gate" in localize:
+            from acol_core.gating import check_gate
+
+            try:
+                check_gate(localize["gate"])
+            except ValueError as exc:
+                raise _fail(f"{where}.localize.gate", str(exc)) from None
+        models.append(
+            {
+                "label": label,
+                "model": name,
+                "options": dict(spec.get("options") or {}),
+                "train": train,
+                "localize": localize,
+            }
+        )
     return models
 
 
@@ -247,7 +289,7 @@ def parse_study(data: Any, source: str = "<study>") -> StudyConfig:
     )  # fmt: skip
     from acol_core.models import check_model_options
 
-    for cell in config.cells()[:: len(config.seeds)][: len(models)]:
+    for cell in config.cells()[: len(models)]:
         try:  # every model's options and the shared train fields, before any work
             check_model_options(cell.model, config.train_config(cell).model_options)
         except (ConfigError, TypeError, ValueError) as exc:

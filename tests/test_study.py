@@ -32,10 +32,10 @@ def _study(**changes: Any) -> dict[str, Any]:
 def test_cells_layout_and_train_configs() -> None:
     cfg = parse_study(_study())
     assert [c.key for c in cfg.cells()] == [
-        "p/cam/seed-0", "p/cam/seed-1", "p/cam/seed-2", "p/acol/seed-0", "p/acol/seed-1", "p/acol/seed-2",
+        "p/cam/seed-0", "p/acol/seed-0", "p/cam/seed-1", "p/acol/seed-1", "p/cam/seed-2", "p/acol/seed-2",
     ]  # fmt: skip
     assert cfg.baseline == "cam"
-    acol = cfg.cells()[4]
+    acol = cfg.cells()[3]
     train = cfg.train_config(acol)
     assert (train.model, train.model_options, train.seed, train.epochs) == ("acol", {"delta": 0.9}, 1, 1)
     assert cfg.cell_uri("/s", acol) == "/s/s/p/acol/seed-1"
@@ -64,11 +64,39 @@ def test_cells_layout_and_train_configs() -> None:
         ({"train": {"seed": 3}}, r"train.seed: set per model"),
         ({"train": {"epochs": 0}}, r"epochs must be >= 1"),
         ({"colour": "red"}, r"unknown key\(s\) colour"),
+        (
+            {"models": [{"model": "cam", "localize": {"gate": "brain"}}]},
+            r"localize.gate: gate must be one of",
+        ),
+        (
+            {"models": [{"model": "cam", "localize": {"threshold": 0.5}}]},
+            r"localize: unknown key\(s\) threshold",
+        ),
+        ({"models": [{"model": "cam", "train": {"seed": 1}}]}, r"train.seed: set by the model entry"),
+        ({"models": [{"model": "cam", "train": {"intensity_augment": 2}}]}, r"models/cam: .*intensity"),
     ],
 )
 def test_bad_study_configs_name_the_key(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_study(_study(**changes))
+
+
+def test_cells_with_the_same_training_share_one_model() -> None:
+    cfg = parse_study(
+        _study(
+            models=[
+                {"model": "cam"},
+                {"label": "cam+gate", "model": "cam", "localize": {"gate": "anatomy"}},
+                {"label": "cam+aug", "model": "cam", "train": {"intensity_augment": 0.5}},
+            ]
+        )
+    )
+    cells = {c.key: c for c in cfg.cells()}
+    gated, plain = cells["p/cam+gate/seed-1"], cells["p/cam/seed-1"]
+    assert cfg.twin(gated) == plain and cfg.twin(plain) == plain and gated.localize == {"gate": "anatomy"}
+    aug = cells["p/cam+aug/seed-1"]
+    assert cfg.twin(aug) == aug and cfg.train_config(aug).intensity_augment == 0.5
+    assert cfg.twin(cells["p/cam+gate/seed-2"]) == cells["p/cam/seed-2"]
 
 
 def test_shipped_studies_load() -> None:

@@ -68,6 +68,10 @@ def _run_cell(config: StudyConfig, storage: str, cell: StudyCell, echo: Callable
     if exists(evaluation):
         return
     started = time.perf_counter()
+    twin = config.twin(cell)
+    twin_model = join(config.cell_uri(storage, twin), "model.safetensors")
+    if not exists(model) and twin != cell and exists(twin_model):
+        write_bytes(model, read_bytes(twin_model))  # same training (only localize options differ)
     if not exists(model):
         options = RunOptions(data=data, storage=root, name="train", workers=config.workers)
         result = run_training(config.train_config(cell), options)
@@ -75,7 +79,7 @@ def _run_cell(config: StudyConfig, storage: str, cell: StudyCell, echo: Callable
             raise RuntimeError(f"{cell.key}: training finished without a checkpoint")
         write_bytes(model, read_bytes(result.model_uri))
     if not _committed(predictions):
-        run_localize(model, data, predictions, split="val,test")
+        run_localize(model, data, predictions, split="val,test", **cell.localize)
     report = evaluate_predictions(predictions, data, split="test")
     write_bytes(evaluation, (json.dumps(report, indent=2) + "\n").encode())
     echo(f"[{cell.key}] done in {time.perf_counter() - started:.0f} s")
