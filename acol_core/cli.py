@@ -177,6 +177,15 @@ def train(
     max_failures: int = typer.Option(1, help="restarts after a worker dies"),
     keep_checkpoints: int = typer.Option(2, help="best checkpoints kept (the latest is kept too)"),
     deterministic: bool = typer.Option(False, help="same data order every run (slower streaming)"),
+    pretrained: str | None = typer.Option(
+        None, help="backbone weights (state dict .pt/.pth/.safetensors): a path or s3:// URI, cached per node"
+    ),
+    input_norm: str | None = typer.Option(
+        None, help="auto (imagenet with --pretrained, else phantom), phantom, imagenet or none"
+    ),
+    placement_strategy: str = typer.Option(
+        "PACK", help="workers' placement: PACK, SPREAD (over nodes) or STRICT_SPREAD (one per node)"
+    ),
     config: str | None = typer.Option(None, "--config", help="YAML file of TrainConfig fields"),
 ) -> None:
     """Train on Ray Train (a local Ray, or the cluster in RAY_ADDRESS); prints the result as JSON.
@@ -188,7 +197,13 @@ def train(
     from acol_core.jobs.train_run import RunOptions, run_training
 
     values = load_config_file(config) if config else {}
-    given = {"model": model, "backbone": backbone, "epochs": epochs}
+    given = {
+        "model": model,
+        "backbone": backbone,
+        "epochs": epochs,
+        "pretrained": pretrained,
+        "input_norm": input_norm,
+    }
     values.update({k: v for k, v in given.items() if v is not None})
     if delta is not None:
         values["model_options"] = {**values.get("model_options", {}), "delta": delta}
@@ -202,6 +217,7 @@ def train(
         max_failures=max_failures,
         keep_checkpoints=keep_checkpoints,
         deterministic=deterministic,
+        placement_strategy=placement_strategy,
     )
     result = run_training(TrainConfig.from_dict(values), options)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}

@@ -192,14 +192,25 @@ def _copy(source: str, target: str) -> str:
 
 @task(name="train", task_run_name="train-{spec[label]}", **_TASK)
 def train_task(
-    run_uri: str, data_uri: str, spec: dict[str, Any], train: dict[str, Any], workers: int
+    run_uri: str,
+    data_uri: str,
+    spec: dict[str, Any],
+    train: dict[str, Any],
+    workers: int,
+    gpus_per_worker: float = 0.0,
 ) -> dict[str, Any]:
     """One Ray Train run; its best checkpoint's export copied to ``<run>/models/<label>.safetensors``."""
     from acol_core.jobs.train_run import RunOptions, run_training
 
     config = _train_config(spec, train)
     started = time.perf_counter()
-    options = RunOptions(data=data_uri, storage=join(run_uri, "train"), name=spec["label"], workers=workers)
+    options = RunOptions(
+        data=data_uri,
+        storage=join(run_uri, "train"),
+        name=spec["label"],
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+    )
     result = run_training(config, options)
     if result.model_uri is None:
         raise RuntimeError(f"training {spec['label']!r} finished without a checkpoint")
@@ -214,7 +225,9 @@ def train_task(
 
 
 @task(name="sweep", task_run_name="sweep-{sweep[name]}", **_TASK)
-def sweep_task(run_uri: str, data_uri: str, sweep: dict[str, Any], seed: int) -> dict[str, Any]:
+def sweep_task(
+    run_uri: str, data_uri: str, sweep: dict[str, Any], seed: int, gpus_per_worker: float = 0.0
+) -> dict[str, Any]:
     """``acol tune`` into ``<run>/sweep/<name>``; returns its summary, with the best model's copy as
     ``model_uri`` (None when no trial produced a model)."""
     from acol_core.jobs.sweep import run_sweep
@@ -230,7 +243,7 @@ def sweep_task(run_uri: str, data_uri: str, sweep: dict[str, Any], seed: int) ->
     started = time.perf_counter()
     result = run_sweep(
         space, data_uri, sweep["trials"], join(run_uri, "sweep"), name=sweep["name"],
-        max_concurrent_trials=sweep["max_concurrent_trials"], seed=seed,
+        max_concurrent_trials=sweep["max_concurrent_trials"], seed=seed, gpus_per_worker=gpus_per_worker,
     )  # fmt: skip
     summary = result.to_dict()
     summary["seconds"] = round(time.perf_counter() - started, 1)
@@ -294,6 +307,7 @@ def pipeline(
     workers: int = 1,
     seed: int = 0,
     fullsup_per_class: int = 5,
+    gpus_per_worker: float = 0.0,
 ) -> dict[str, Any]:
     """Run every stage for one dataset into the run folder ``run_uri``; returns the run record and the
     report's URI.
@@ -306,6 +320,8 @@ def pipeline(
         train: ``TrainConfig`` fields shared by every model (backbone, epochs, image_size, batch_size, ...).
         sweep: ``{"space": YAML file or dict, "trials": N, "name": "delta", "max_concurrent_trials"?}``.
         workers: Ray Train workers per model.
+        gpus_per_worker: GPUs for each Ray Train worker, in training and in the sweep's trials (0: CPU;
+            DDP then uses NCCL and bf16 autocast). Localization takes the cluster's GPUs when it has some.
         seed: the dataset's split and phantom, the training runs' (unless ``train`` sets one), the sweep's.
         fullsup_per_class: val rows per class whose masks choose checkpoints, δ and thresholds.
     """
@@ -317,6 +333,8 @@ def pipeline(
         _train_config(spec, train)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if not gpus_per_worker >= 0:
+        raise ValueError(f"gpus_per_worker must be >= 0, got {gpus_per_worker}")
     sweep = check_sweep(sweep, [spec["label"] for spec in specs])
     from acol_core.jobs import ray_init
     from acol_core.storage import check_reachable
@@ -343,7 +361,7 @@ def pipeline(
     started = time.perf_counter()
     log.info("stage train: %s", ", ".join(spec["label"] for spec in specs))
     for spec in specs:
-        trained = train_task(run_uri, record.data_uri, spec, train, workers)
+        trained = train_task(run_uri, record.data_uri, spec, train, workers, gpus_per_worker)
         record.models[spec["label"]] = ModelEntry(model=spec["model"], options=spec["options"], **trained)
         write_run(run_uri, record)
     _stage(record, run_uri, "train", started)
@@ -351,7 +369,7 @@ def pipeline(
     if sweep is not None:
         started = time.perf_counter()
         log.info("stage sweep: %d trials of %s", sweep["trials"], sweep["space"])
-        result = sweep_task(run_uri, record.data_uri, sweep, seed)
+        result = sweep_task(run_uri, record.data_uri, sweep, seed, gpus_per_worker)
         record.sweep_uri = result["sweep_uri"]
         best = result.get("best")
         if best and result["model_uri"]:
@@ -408,6 +426,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep", default=None, metavar="SPACE", help="sweep this search-space YAML")
     parser.add_argument("--trials", type=int, default=None, help="sweep trials [default: the preset's, or 4]")
     parser.add_argument("--no-sweep", action="store_true", help="skip the preset's sweep")
+    parser.add_argument(
+        "--gpus-per-worker", type=float, default=None, help="GPUs per train worker [default: the preset's, 0]"
+    )
     return parser.parse_args(argv)
 
 
@@ -442,6 +463,11 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
             train=train,
             sweep=_sweep_of(args, preset),
             fullsup_per_class=preset.get("fullsup_per_class", 5),
+            gpus_per_worker=(
+                args.gpus_per_worker
+                if args.gpus_per_worker is not None
+                else float(preset.get("gpus_per_worker", 0.0))
+            ),
         )
     except _run_failures() as exc:
         print(f"\npipeline: error: {' '.join(str(exc).split())}", file=sys.stderr)

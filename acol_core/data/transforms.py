@@ -17,9 +17,11 @@ from acol_core.data.codec import decode_png
 
 __all__ = [
     "IGNORE",
+    "INPUT_NORMS",
     "NORMALIZATION",
     "augment_batch",
     "decode_rows",
+    "describe_norm",
     "prepare_image",
     "standardize",
     "table_to_arrays",
@@ -60,15 +62,53 @@ def prepare_image(image: np.ndarray, in_channels: int, size: int) -> np.ndarray:
 
 NORMALIZATION = "scale to [0, 1] by the dtype's maximum, then (x - 0.5) / 0.25"
 
+# Per-channel (mean, std) applied to [0, 1] images. ``imagenet`` is what torchvision/timm weights were
+# trained with; a model with another channel count than 3 (grey MRI) gets the channels' average, which
+# matches ``adapt_first_conv``'s averaged RGB kernels. ``none`` leaves [0, 1] as it is.
+INPUT_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "phantom": ((0.5,), (0.25,)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": None,
+}
 
-def standardize(images: np.ndarray) -> np.ndarray:
-    """A fixed affine map of [0, 1] images (see ``NORMALIZATION``).
+
+def _norm_stats(norm: str, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    if norm not in INPUT_NORMS:
+        raise ValueError(f"input norm must be one of {', '.join(INPUT_NORMS)}, got {norm!r}")
+    stats = INPUT_NORMS[norm]
+    if stats is None:
+        return None
+    mean, std = (np.asarray(v, dtype=np.float32) for v in stats)
+    if len(mean) != channels:
+        mean, std = np.full(channels, mean.mean(), np.float32), np.full(channels, std.mean(), np.float32)
+    return mean, std
+
+
+def describe_norm(norm: str) -> str:
+    """The export's human-readable record of an input normalisation."""
+    if norm == "phantom":
+        return NORMALIZATION
+    _norm_stats(norm, 1)  # validates the name
+    stats = INPUT_NORMS[norm]
+    if stats is None:
+        return "scale to [0, 1] by the dtype's maximum"
+    mean, std = stats
+    return f"scale to [0, 1] by the dtype's maximum, then (x - mean) / std per channel, mean {list(mean)}, std {list(std)} ({norm})"
+
+
+def standardize(images: np.ndarray, norm: str = "phantom") -> np.ndarray:
+    """A fixed affine map of N×C×H×W [0, 1] images (``INPUT_NORMS[norm]``; phantom: ``NORMALIZATION``).
 
     Not a per-image z-score: that leaks global statistics (a lesion shifts the whole image's mean and
     std, so the background's normalised level alone gives the label away, and the class map learns
     the background). Sources normalise intensities per volume when they prepare the dataset.
     """
-    return ((images - 0.5) / 0.25).astype(np.float32)
+    stats = _norm_stats(norm, images.shape[1] if images.ndim == 4 else 1)
+    if stats is None:
+        return images.astype(np.float32)
+    mean, std = stats
+    shape = (1, -1, 1, 1) if images.ndim == 4 else (-1, 1, 1)
+    return ((images - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)
 
 
 def _mask_or_ignore(data: Any, size: int) -> np.ndarray:
@@ -81,16 +121,20 @@ def _mask_or_ignore(data: Any, size: int) -> np.ndarray:
 
 
 def decode_rows(
-    rows: Mapping[str, Sequence[Any]], in_channels: int, size: int, with_masks: bool = True
+    rows: Mapping[str, Sequence[Any]],
+    in_channels: int,
+    size: int,
+    with_masks: bool = True,
+    norm: str = "phantom",
 ) -> dict[str, np.ndarray]:
     """Decode a batch of dataset rows.
 
-    Returns ``image`` N×C×S×S float32 (standardised), ``label`` int64, and with ``with_masks``
+    Returns ``image`` N×C×S×S float32 (standardised by ``norm``), ``label`` int64, and with ``with_masks``
     ``mask`` / ``anatomy_mask`` N×S×S uint8 (255 where a row has none), ``fullsup`` bool.
     """
     images = [prepare_image(decode_png(bytes(b)), in_channels, size) for b in rows["image"]]
     out: dict[str, np.ndarray] = {
-        "image": standardize(np.stack(images))
+        "image": standardize(np.stack(images), norm)
         if images
         else np.zeros((0, in_channels, size, size), np.float32),
         "label": np.asarray(rows["label"], dtype=np.int64),
