@@ -50,6 +50,7 @@ BAD_PARAMS = {
     "label_escapes": ({"models": [{"model": "cam", "label": "../cam"}]}, "model label '../cam'"),
     "unknown_key": ({"models": [{"model": "cam", "delta": 0.5}]}, "models[0]: unknown key(s) delta"),
     "train_key": ({"train": {"epoch": 2}}, "unknown config keys: epoch"),
+    "gpus": ({"gpus_per_worker": -1}, "gpus_per_worker must be >= 0"),
     "bad_delta": ({"models": [{"model": "acol", "options": {"delta": 1.5}}]}, "delta must be in (0, 1)"),
     "sweep_space": ({"sweep": {"trials": 2}}, "sweep: give 'space'"),
     "sweep_inline": ({"sweep": {"space": {"params": {}}}}, "params must be a non-empty mapping"),
