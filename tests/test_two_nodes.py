@@ -10,6 +10,7 @@ reads another's files.
 - ``acol train --workers 2 --placement-strategy STRICT_SPREAD`` puts one worker on each node and ends
   with the weights of a run on the head alone (deterministic data order, no augmentation);
 - ``acol localize --actors 2`` runs an actor on each node and writes every row once;
+- ``acol tune`` with two concurrent trials whose workers each need most of a node runs one on each;
 - the second node SIGKILLed (raylet, agents and workers at once) after the first checkpoint: the run
   restarts on the head from that checkpoint and ends with the uninterrupted run's weights.
 """
@@ -45,6 +46,9 @@ JOB_TIMEOUT_S = 300
 PHANTOM = {"num_subjects": 6, "slices_per_subject": 8, "size": 32, "rows_per_shard": 16}
 TRAIN_CONFIG = "image_size: 32\nbatch_size: 8\naugment: false\nseed: 3\nnum_threads: 1\n"
 EPOCHS = 4
+# Logical CPUs per node: a sweep trial's worker asks for 2, so each node holds one trial, and 1 is left
+# for Ray Data's read tasks (which want a whole CPU each).
+NODE_CPUS = 3
 # What Ray Train rewrites in the run folder each time it registers a checkpoint.
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -55,7 +59,7 @@ def head(s3_server: str) -> Iterator[Head]:
     # Node death noticed in ~3 s instead of Ray's default ~30 s (the test waits for it).
     fast = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
     with ray_head(
-        num_cpus=2, resources={"node_a": 1}, node_ip="127.0.0.1", extra_env=aws, system_config=fast
+        num_cpus=NODE_CPUS, resources={"node_a": 1}, node_ip="127.0.0.1", extra_env=aws, system_config=fast
     ) as started:
         yield started
 
@@ -155,7 +159,7 @@ def reference(head: Head, data: str, s3_server: str, train_config: str) -> dict[
 
 @pytest.fixture
 def second_node(head: Head) -> Iterator[Node]:
-    with ray_node(head, num_cpus=2, resources={"node_b": 1}) as node:
+    with ray_node(head, num_cpus=NODE_CPUS, resources={"node_b": 1}) as node:
         deadline = time.monotonic() + 60
         while _alive_nodes(head) < 2:
             assert time.monotonic() < deadline, "the second node did not join"
@@ -193,6 +197,18 @@ def test_localize_runs_actors_on_both_nodes(
     assert _summary(job["logs"])["rows"] == 48
     ids = read_predictions(output).column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 48
+
+
+def test_sweep_trials_run_on_both_nodes(head: Head, second_node: Node, data: str, s3_server: str) -> None:
+    storage = f"{s3_server}/two-nodes/sweeps"
+    args = ["acol", "tune", "--space", "tune/spaces/smoke.yaml", "--data", data, "--trials", "2"]
+    args += ["--storage", storage, "--name", "two-nodes", "--workers-per-trial", "1"]
+    job = _submit(head, [*args, "--cpus-per-worker", "2", "--max-concurrent-trials", "2"])
+    assert len(set(_actor_nodes(head, job["job_id"], "TrainWorker"))) == 2, "one trial per node"
+    summary = _summary(job["logs"])
+    assert sum(summary["counts"].values()) == 2, summary["counts"]
+    assert summary["best_model_uri"].startswith(f"{storage}/two-nodes/")
+    assert read_bytes(summary["best_model_uri"])[:8]  # the best trial's export is on S3
 
 
 def test_lost_node_mid_training_resumes_from_the_last_checkpoint(
