@@ -125,6 +125,39 @@ def test_bad_parameters_fail_before_any_work(tmp_path: Path) -> None:
         assert not (tmp_path / name).exists()  # not even run.json
 
 
+# The train and sweep tasks hand gpus_per_worker to Ray Train / Tune: -1 reaches their checks (which
+# raise before Ray starts), so the error proves the value got through.
+_GPUS_SCRIPT = """
+import sys
+from flows.pipeline import sweep_task, train_task
+
+root = sys.argv[1]
+spec = {"label": "cam", "model": "cam", "options": {}}
+for name, call in {
+    "train": lambda: train_task.fn(root, root + "/data", spec, {"image_size": 32}, 1, gpus_per_worker=-1.0),
+    "sweep": lambda: sweep_task.fn(
+        root, root + "/data", {"space": "tune/spaces/smoke.yaml", "trials": 1, "name": "s",
+        "max_concurrent_trials": None}, 0, gpus_per_worker=-1.0),
+}.items():
+    try:
+        call()
+        print(name, "no error")
+    except Exception as exc:
+        print(name, type(exc).__name__, exc)
+"""
+
+
+def test_train_and_sweep_tasks_pass_gpus_per_worker_on(tmp_path: Path) -> None:
+    env = prefect_env(tmp_path / "home", None)
+    done = run([sys.executable, "-c", _GPUS_SCRIPT, str(tmp_path)], env, 300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    lines = dict(
+        line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("train ", "sweep "))
+    )
+    for task in ("train", "sweep"):
+        assert lines[task].startswith("ConfigError") and "gpus_per_worker >= 0" in lines[task], lines
+
+
 @pytest.mark.integration
 def test_deployment_runs_on_a_worker_against_a_ray_head(tmp_path: Path) -> None:
     run_uri = str(tmp_path / "run")
