@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -138,7 +139,8 @@ def ray_head(
         output, _ = start.communicate(timeout=start_timeout_s)
         if start.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{output[-3000:]}")
-        gcs = f"{node_ip or _node_ip(env)}:{gcs_port}"
+        found = re.search(r"Local node IP: (\S+)", output)
+        gcs = f"{node_ip or (found.group(1) if found else '127.0.0.1')}:{gcs_port}"
         yield Head(f"http://127.0.0.1:{dashboard_port}", env, token, gcs)
     finally:
         if start.poll() is None:
@@ -146,13 +148,6 @@ def ray_head(
         stop_process_group(start.pid)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
-
-
-def _node_ip(env: dict[str, str]) -> str:
-    """The address `ray start` picked for the head (Ray's own guess, as the head made it)."""
-    code = "import ray._private.services as s; print(s.get_node_ip_address())"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    return done.stdout.strip() or "127.0.0.1"
 
 
 @dataclass
