@@ -201,6 +201,15 @@ def train(
     class_balance: str | None = typer.Option(
         None, help="auto (weigh the loss when the train split is imbalanced), weights or none [default: auto]"
     ),
+    pretrained: str | None = typer.Option(
+        None, help="backbone weights (state dict .pt/.pth/.safetensors): a path or s3:// URI, cached per node"
+    ),
+    input_norm: str | None = typer.Option(
+        None, help="auto (imagenet with --pretrained, else phantom), phantom, imagenet or none"
+    ),
+    placement_strategy: str = typer.Option(
+        "PACK", help="workers' placement: PACK, SPREAD (over nodes) or STRICT_SPREAD (one per node)"
+    ),
     config: str | None = typer.Option(None, "--config", help="YAML file of TrainConfig fields"),
 ) -> None:
     """Train on Ray Train (a local Ray, or the cluster in RAY_ADDRESS); prints the result as JSON.
@@ -217,7 +226,7 @@ def train(
     values = load_config_file(config) if config else {}
     given = {
         "model": model, "backbone": backbone, "epochs": epochs, "lr": lr, "image_size": image_size, "seed": seed,
-        "class_balance": class_balance,
+        "class_balance": class_balance, "pretrained": pretrained, "input_norm": input_norm,
     }  # fmt: skip
     values.update({k: v for k, v in given.items() if v is not None})
     if delta is not None:
@@ -232,6 +241,7 @@ def train(
         max_failures=max_failures,
         keep_checkpoints=keep_checkpoints,
         deterministic=deterministic,
+        placement_strategy=placement_strategy,
     )
     train_config = TrainConfig.from_dict(values)
     _quiet("train", storage)

@@ -34,7 +34,10 @@ class TrainConfig:
     model: str = "acol"
     backbone: str = "tiny"
     model_options: dict[str, Any] = field(default_factory=dict)
-    pretrained: str | None = None
+    pretrained: str | None = None  # backbone weights: a local path or a storage URI (s3://)
+    # Input normalisation: auto = imagenet with pretrained weights (what torchvision/timm trained with),
+    # else phantom; recorded in the export so localize applies the same.
+    input_norm: str = "auto"
     num_classes: int = 2
     # None: the dataset's channel count (its manifest's ``preparation.channels``; 1 without a dataset).
     in_channels: int | None = None
@@ -92,6 +95,8 @@ class TrainConfig:
             if not any(weights):
                 raise ConfigError("class_weights must not all be 0")
             self.class_weights = weights
+        if self.input_norm not in ("auto", "phantom", "imagenet", "none"):
+            raise ConfigError(f"input_norm must be auto, phantom, imagenet or none, got {self.input_norm!r}")
         delta = self.model_options.get("delta")
         if delta is not None and not 0.0 < float(delta) < 1.0:
             raise ConfigError(f"delta must be in (0, 1), got {delta}")
@@ -116,6 +121,13 @@ class TrainConfig:
         if self.head_lr_mult is not None:
             return float(self.head_lr_mult)
         return 10.0 if self.pretrained else 1.0
+
+    @property
+    def effective_input_norm(self) -> str:
+        """The input normalisation this run uses (``input_norm``, ``auto`` resolved)."""
+        if self.input_norm != "auto":
+            return self.input_norm
+        return "imagenet" if self.pretrained else "phantom"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from acol_core.config import TrainConfig
-from acol_core.data.transforms import NORMALIZATION
+from acol_core.data.transforms import describe_norm
 from acol_core.errors import UserError
 
 __all__ = [
@@ -49,6 +49,8 @@ class ExportedInfo:
     class_names: list[str]
     normalization: str
     extra: dict[str, Any]
+    # The name ``standardize`` takes; exports written before it was recorded used the phantom's.
+    input_norm: str = "phantom"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -64,7 +66,8 @@ def export_bytes(model: nn.Module, config: TrainConfig, class_names: list[str], 
         "class_names": list(class_names),
         "input_size": config.image_size,
         "in_channels": config.channels,
-        "normalization": NORMALIZATION,
+        "normalization": describe_norm(config.effective_input_norm),
+        "input_norm": config.effective_input_norm,
         "extra": extra,
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
@@ -117,6 +120,7 @@ def read_export_info(data: bytes) -> ExportedInfo:
         class_names=list(info["class_names"]),
         normalization=info["normalization"],
         extra=dict(info.get("extra", {})),
+        input_norm=str(info.get("input_norm", "phantom")),
     )
 
 

@@ -144,10 +144,12 @@ def iterate_minibatches(
     rng: np.random.Generator | None,
     augment: bool,
     intensity: float = 0.0,
+    norm: str = "phantom",
 ) -> Iterator[Batch]:
     """Shuffle (when ``rng``) and cut in-memory arrays into batches; the plain-process data path.
 
-    ``intensity``: ``TrainConfig.intensity_augment``, used when augmenting.
+    ``intensity``: ``TrainConfig.intensity_augment``, used when augmenting images standardised with
+    ``norm`` (``TrainConfig.effective_input_norm``).
     """
     from acol_core.data.transforms import augment_batch
 
@@ -157,7 +159,7 @@ def iterate_minibatches(
         idx = order[start : start + batch_size]
         batch = {k: v[idx] for k, v in arrays.items()}
         if augment and rng is not None:
-            batch = augment_batch(batch, rng, intensity=intensity)
+            batch = augment_batch(batch, rng, intensity=intensity, norm=norm)
         yield batch
 
 

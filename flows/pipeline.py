@@ -195,7 +195,12 @@ def _copy(source: str, target: str) -> str:
 
 @task(name="train", task_run_name="train-{spec[label]}", **_TASK)
 def train_task(
-    run_uri: str, data_uri: str, spec: dict[str, Any], train: dict[str, Any], workers: int
+    run_uri: str,
+    data_uri: str,
+    spec: dict[str, Any],
+    train: dict[str, Any],
+    workers: int,
+    gpus_per_worker: float = 0.0,
 ) -> dict[str, Any]:
     """One Ray Train run; its best checkpoint's export copied to ``<run>/models/<label>.safetensors``."""
     from acol_core.console import EpochProgress
@@ -203,7 +208,13 @@ def train_task(
 
     config = _train_config(spec, train)
     started = time.perf_counter()
-    options = RunOptions(data=data_uri, storage=join(run_uri, "train"), name=spec["label"], workers=workers)
+    options = RunOptions(
+        data=data_uri,
+        storage=join(run_uri, "train"),
+        name=spec["label"],
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+    )
     with EpochProgress(f"train {spec['label']}", config.epochs) as progress:
         options.progress = progress
         result = run_training(config, options)
@@ -220,7 +231,9 @@ def train_task(
 
 
 @task(name="sweep", task_run_name="sweep-{sweep[name]}", **_TASK)
-def sweep_task(run_uri: str, data_uri: str, sweep: dict[str, Any], seed: int) -> dict[str, Any]:
+def sweep_task(
+    run_uri: str, data_uri: str, sweep: dict[str, Any], seed: int, gpus_per_worker: float = 0.0
+) -> dict[str, Any]:
     """``acol tune`` into ``<run>/sweep/<name>``; returns its summary, with the best model's copy as
     ``model_uri`` (None when no trial produced a model)."""
     from acol_core.jobs.sweep import run_sweep
@@ -236,7 +249,7 @@ def sweep_task(run_uri: str, data_uri: str, sweep: dict[str, Any], seed: int) ->
     started = time.perf_counter()
     result = run_sweep(
         space, data_uri, sweep["trials"], join(run_uri, "sweep"), name=sweep["name"],
-        max_concurrent_trials=sweep["max_concurrent_trials"], seed=seed,
+        max_concurrent_trials=sweep["max_concurrent_trials"], seed=seed, gpus_per_worker=gpus_per_worker,
     )  # fmt: skip
     summary = result.to_dict()
     summary["seconds"] = round(time.perf_counter() - started, 1)
@@ -300,6 +313,7 @@ def pipeline(
     workers: int = 1,
     seed: int = 0,
     fullsup_per_class: int = 5,
+    gpus_per_worker: float = 0.0,
 ) -> dict[str, Any]:
     """Run every stage for one dataset into the run folder ``run_uri``; returns the run record and the
     report's URI.
@@ -312,6 +326,8 @@ def pipeline(
         train: ``TrainConfig`` fields shared by every model (backbone, epochs, image_size, batch_size, ...).
         sweep: ``{"space": YAML file or dict, "trials": N, "name": "delta", "max_concurrent_trials"?}``.
         workers: Ray Train workers per model.
+        gpus_per_worker: GPUs for each Ray Train worker, in training and in the sweep's trials (0: CPU;
+            DDP then uses NCCL and bf16 autocast). Localization takes the cluster's GPUs when it has some.
         seed: the dataset's split and phantom, the training runs' (unless ``train`` sets one), the sweep's.
         fullsup_per_class: val rows per class whose masks choose checkpoints, δ and thresholds.
     """
@@ -323,6 +339,8 @@ def pipeline(
         _train_config(spec, train)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if not gpus_per_worker >= 0:
+        raise ValueError(f"gpus_per_worker must be >= 0, got {gpus_per_worker}")
     sweep = check_sweep(sweep, [spec["label"] for spec in specs])
     from acol_core.jobs import ray_init
     from acol_core.storage import check_reachable
@@ -349,7 +367,7 @@ def pipeline(
     started = time.perf_counter()
     log.info("stage train: %s", ", ".join(spec["label"] for spec in specs))
     for spec in specs:
-        trained = train_task(run_uri, record.data_uri, spec, train, workers)
+        trained = train_task(run_uri, record.data_uri, spec, train, workers, gpus_per_worker)
         record.models[spec["label"]] = ModelEntry(model=spec["model"], options=spec["options"], **trained)
         write_run(run_uri, record)
     _stage(record, run_uri, "train", started)
@@ -357,7 +375,7 @@ def pipeline(
     if sweep is not None:
         started = time.perf_counter()
         log.info("stage sweep: %d trials of %s", sweep["trials"], sweep["space"])
-        result = sweep_task(run_uri, record.data_uri, sweep, seed)
+        result = sweep_task(run_uri, record.data_uri, sweep, seed, gpus_per_worker)
         record.sweep_uri = result["sweep_uri"]
         best = result.get("best")
         if best and result["model_uri"]:
@@ -417,6 +435,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--verbose", "-v", action="store_true", help="Ray's and Prefect's logs here, not in a file"
     )
+    parser.add_argument(
+        "--gpus-per-worker", type=float, default=None, help="GPUs per train worker [default: the preset's, 0]"
+    )
     return parser.parse_args(argv)
 
 
@@ -456,6 +477,11 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
             train=train,
             sweep=_sweep_of(args, preset),
             fullsup_per_class=preset.get("fullsup_per_class", 5),
+            gpus_per_worker=(
+                args.gpus_per_worker
+                if args.gpus_per_worker is not None
+                else float(preset.get("gpus_per_worker", 0.0))
+            ),
         )
     except Exception as exc:
         code = exit_code(exc)

@@ -12,7 +12,9 @@ never with ``ray stop`` (that kills every Ray on the host, other test sessions' 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RAY", "Head", "free_port", "ray_head", "stop_process_group"]
+__all__ = ["RAY", "Head", "Node", "free_port", "ray_head", "ray_node", "stop_process_group"]
 
 VENV_BIN = Path(sys.executable).parent
 RAY = VENV_BIN / "ray"
@@ -43,6 +45,7 @@ class Head:
     dashboard: str  # http://127.0.0.1:<port>
     env: dict[str, str]  # what clients of this head run with (HOME with the token, auth mode, PATH)
     token: str
+    gcs: str = ""  # <ip>:<port> of the GCS, what `ray start --address` and drivers take
 
     def get(self, path: str, token: str | None = "") -> tuple[int, bytes]:
         """GET ``path`` on the dashboard with this head's token (``token=None``: without one)."""
@@ -73,8 +76,23 @@ def stop_process_group(pgid: int, grace_s: float = 4.0) -> None:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 2, start_timeout_s: float = 120.0) -> Iterator[Head]:
-    """Start a head (``ray start --head``), yield it, stop its process group."""
+def ray_head(
+    num_cpus: int = 2,
+    start_timeout_s: float = 120.0,
+    resources: dict[str, float] | None = None,
+    node_ip: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    system_config: dict[str, object] | None = None,
+) -> Iterator[Head]:
+    """Start a head (``ray start --head``), yield it, stop its process group.
+
+    Args:
+        resources: custom resources of the head node (tests force placement with them).
+        node_ip: the address the node announces (127.0.0.1 for clusters of several nodes on this host).
+        extra_env: environment of the head's processes (and so of its jobs and workers) on top of the
+            cleaned one: e.g. the S3 settings a real cluster's nodes get from their instance profile.
+        system_config: Ray's internal settings for the cluster (e.g. faster node-death detection).
+    """
     # Short paths: Ray's socket paths under the temp dir must stay below 107 characters.
     home = tempfile.mkdtemp(prefix="arh", dir="/tmp")
     tmp = tempfile.mkdtemp(prefix="art", dir="/tmp")
@@ -88,16 +106,24 @@ def ray_head(num_cpus: int = 2, start_timeout_s: float = 120.0) -> Iterator[Head
         RAY_TMPDIR=tmp,
         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
+    env.update(extra_env or {})
     # With RAY_AUTH_MODE=token, `ray start` wants the token to exist: generate it into $HOME/.ray.
     subprocess.run(
         [str(RAY), "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60
     )
     token = (Path(home) / ".ray" / "auth_token").read_text().strip()
     dashboard_port = free_port()
+    gcs_port = free_port()
     command = [str(RAY), "start", "--head", "--dashboard-host", "127.0.0.1", "--num-cpus", str(num_cpus)]
     command += ["--temp-dir", os.path.join(tmp, "ray"), "--disable-usage-stats"]
+    if resources:
+        command += ["--resources", json.dumps(resources)]
+    if node_ip:
+        command += ["--node-ip-address", node_ip]
+    if system_config:
+        command += ["--system-config", json.dumps(system_config)]
     ports = {
-        "--port": free_port(),
+        "--port": gcs_port,
         "--dashboard-port": dashboard_port,
         # Defaults are fixed ports (52365, 10001) that another head on this host may hold.
         "--dashboard-agent-listen-port": free_port(),
@@ -113,10 +139,61 @@ def ray_head(num_cpus: int = 2, start_timeout_s: float = 120.0) -> Iterator[Head
         output, _ = start.communicate(timeout=start_timeout_s)
         if start.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{output[-3000:]}")
-        yield Head(f"http://127.0.0.1:{dashboard_port}", env, token)
+        found = re.search(r"Local node IP: (\S+)", output)
+        gcs = f"{node_ip or (found.group(1) if found else '127.0.0.1')}:{gcs_port}"
+        yield Head(f"http://127.0.0.1:{dashboard_port}", env, token, gcs)
     finally:
         if start.poll() is None:
             start.kill()
         stop_process_group(start.pid)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@dataclass
+class Node:
+    """A second Ray node on this host, in its own process group (raylet, its agents and workers)."""
+
+    pgid: int
+    resources: dict[str, float]
+
+    def kill(self) -> None:
+        """SIGKILL every process of the node at once: the node is lost as a machine is (no cleanup)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pgid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def ray_node(
+    head: Head, num_cpus: int = 2, resources: dict[str, float] | None = None, start_timeout_s: float = 120.0
+) -> Iterator[Node]:
+    """Join a worker node to ``head`` (``ray start --address``) with its own ports; stop it afterwards.
+
+    It runs with the head's environment (token, temp dir, S3 settings), as nodes of one cluster do.
+    """
+    node_ip = head.gcs.rsplit(":", 1)[0]
+    command = [str(RAY), "start", "--address", head.gcs, "--num-cpus", str(num_cpus)]
+    command += ["--node-ip-address", node_ip, "--disable-usage-stats"]
+    if resources:
+        command += ["--resources", json.dumps(resources)]
+    # Fixed defaults (52365, ...) are held by the head's node already.
+    ports = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port")
+    for flag in (*ports, "--runtime-env-agent-port"):
+        command += [flag, str(free_port())]
+    start = subprocess.Popen(
+        command,
+        env=head.env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = start.communicate(timeout=start_timeout_s)
+        if start.returncode != 0:
+            raise RuntimeError(f"ray start (worker node) failed:\n{output[-3000:]}")
+        yield Node(start.pid, dict(resources or {}))
+    finally:
+        if start.poll() is None:
+            start.kill()
+        stop_process_group(start.pid)

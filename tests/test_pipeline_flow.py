@@ -50,6 +50,7 @@ BAD_PARAMS = {
     "label_escapes": ({"models": [{"model": "cam", "label": "../cam"}]}, "model label '../cam'"),
     "unknown_key": ({"models": [{"model": "cam", "delta": 0.5}]}, "models[0]: unknown key(s) delta"),
     "train_key": ({"train": {"epoch": 2}}, "unknown config keys: epoch"),
+    "gpus": ({"gpus_per_worker": -1}, "gpus_per_worker must be >= 0"),
     "bad_delta": ({"models": [{"model": "acol", "options": {"delta": 1.5}}]}, "delta must be in (0, 1)"),
     "sweep_space": ({"sweep": {"trials": 2}}, "sweep: give 'space'"),
     "sweep_inline": ({"sweep": {"space": {"params": {}}}}, "params must be a non-empty mapping"),
@@ -122,6 +123,39 @@ def test_bad_parameters_fail_before_any_work(tmp_path: Path) -> None:
     for name, (_, message) in BAD_PARAMS.items():
         assert message in errors[name], (name, errors[name])
         assert not (tmp_path / name).exists()  # not even run.json
+
+
+# The train and sweep tasks hand gpus_per_worker to Ray Train / Tune: -1 reaches their checks (which
+# raise before Ray starts), so the error proves the value got through.
+_GPUS_SCRIPT = """
+import sys
+from flows.pipeline import sweep_task, train_task
+
+root = sys.argv[1]
+spec = {"label": "cam", "model": "cam", "options": {}}
+for name, call in {
+    "train": lambda: train_task.fn(root, root + "/data", spec, {"image_size": 32}, 1, gpus_per_worker=-1.0),
+    "sweep": lambda: sweep_task.fn(
+        root, root + "/data", {"space": "tune/spaces/smoke.yaml", "trials": 1, "name": "s",
+        "max_concurrent_trials": None}, 0, gpus_per_worker=-1.0),
+}.items():
+    try:
+        call()
+        print(name, "no error")
+    except Exception as exc:
+        print(name, type(exc).__name__, exc)
+"""
+
+
+def test_train_and_sweep_tasks_pass_gpus_per_worker_on(tmp_path: Path) -> None:
+    env = prefect_env(tmp_path / "home", None)
+    done = run([sys.executable, "-c", _GPUS_SCRIPT, str(tmp_path)], env, 300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    lines = dict(
+        line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("train ", "sweep "))
+    )
+    for task in ("train", "sweep"):
+        assert lines[task].startswith("ConfigError") and "gpus_per_worker >= 0" in lines[task], lines
 
 
 @pytest.mark.integration

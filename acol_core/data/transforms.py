@@ -17,12 +17,14 @@ from acol_core.data.codec import decode_png
 
 __all__ = [
     "IGNORE",
+    "INPUT_NORMS",
     "NORMALIZATION",
     "augment_batch",
     "bias_field",
     "check_intensity",
     "decode_rows",
     "intensity_augment",
+    "describe_norm",
     "prepare_image",
     "standardize",
     "table_to_arrays",
@@ -63,18 +65,53 @@ def prepare_image(image: np.ndarray, in_channels: int, size: int) -> np.ndarray:
 
 NORMALIZATION = "scale to [0, 1] by the dtype's maximum, then (x - 0.5) / 0.25"
 
+# Per-channel (mean, std) applied to [0, 1] images. ``imagenet`` is what torchvision/timm weights were
+# trained with; a model with another channel count than 3 (grey MRI) gets the channels' average, which
+# matches ``adapt_first_conv``'s averaged RGB kernels. ``none`` leaves [0, 1] as it is.
+INPUT_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "phantom": ((0.5,), (0.25,)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": None,
+}
 
-def standardize(images: np.ndarray) -> np.ndarray:
-    """A fixed affine map of [0, 1] images (see ``NORMALIZATION``).
+
+def _norm_stats(norm: str, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    if norm not in INPUT_NORMS:
+        raise ValueError(f"input norm must be one of {', '.join(INPUT_NORMS)}, got {norm!r}")
+    stats = INPUT_NORMS[norm]
+    if stats is None:
+        return None
+    mean, std = (np.asarray(v, dtype=np.float32) for v in stats)
+    if len(mean) != channels:
+        mean, std = np.full(channels, mean.mean(), np.float32), np.full(channels, std.mean(), np.float32)
+    return mean, std
+
+
+def describe_norm(norm: str) -> str:
+    """The export's human-readable record of an input normalisation."""
+    if norm == "phantom":
+        return NORMALIZATION
+    _norm_stats(norm, 1)  # validates the name
+    stats = INPUT_NORMS[norm]
+    if stats is None:
+        return "scale to [0, 1] by the dtype's maximum"
+    mean, std = stats
+    return f"scale to [0, 1] by the dtype's maximum, then (x - mean) / std per channel, mean {list(mean)}, std {list(std)} ({norm})"
+
+
+def standardize(images: np.ndarray, norm: str = "phantom") -> np.ndarray:
+    """A fixed affine map of N×C×H×W [0, 1] images (``INPUT_NORMS[norm]``; phantom: ``NORMALIZATION``).
 
     Not a per-image z-score: that leaks global statistics (a lesion shifts the whole image's mean and
     std, so the background's normalised level alone gives the label away, and the class map learns
     the background). Sources normalise intensities per volume when they prepare the dataset.
     """
-    return ((images - _CENTER) / _SPREAD).astype(np.float32)
-
-
-_CENTER, _SPREAD = 0.5, 0.25
+    stats = _norm_stats(norm, images.shape[1] if images.ndim == 4 else 1)
+    if stats is None:
+        return images.astype(np.float32)
+    mean, std = stats
+    shape = (1, -1, 1, 1) if images.ndim == 4 else (-1, 1, 1)
+    return ((images - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)
 
 
 def _mask_or_ignore(data: Any, size: int) -> np.ndarray:
@@ -87,16 +124,20 @@ def _mask_or_ignore(data: Any, size: int) -> np.ndarray:
 
 
 def decode_rows(
-    rows: Mapping[str, Sequence[Any]], in_channels: int, size: int, with_masks: bool = True
+    rows: Mapping[str, Sequence[Any]],
+    in_channels: int,
+    size: int,
+    with_masks: bool = True,
+    norm: str = "phantom",
 ) -> dict[str, np.ndarray]:
     """Decode a batch of dataset rows.
 
-    Returns ``image`` N×C×S×S float32 (standardised), ``label`` int64, and with ``with_masks``
+    Returns ``image`` N×C×S×S float32 (standardised by ``norm``), ``label`` int64, and with ``with_masks``
     ``mask`` / ``anatomy_mask`` N×S×S uint8 (255 where a row has none), ``fullsup`` bool.
     """
     images = [prepare_image(decode_png(bytes(b)), in_channels, size) for b in rows["image"]]
     out: dict[str, np.ndarray] = {
-        "image": standardize(np.stack(images))
+        "image": standardize(np.stack(images), norm)
         if images
         else np.zeros((0, in_channels, size, size), np.float32),
         "label": np.asarray(rows["label"], dtype=np.int64),
@@ -113,7 +154,11 @@ def decode_rows(
 
 
 def augment_batch(
-    batch: dict[str, np.ndarray], rng: np.random.Generator, max_shift: float = 0.08, intensity: float = 0.0
+    batch: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    max_shift: float = 0.08,
+    intensity: float = 0.0,
+    norm: str = "phantom",
 ) -> dict:
     """Random horizontal flip and small translation, applied alike to images and masks; then, with
     ``intensity`` > 0, ``intensity_augment`` on the images only (masks are left as they are).
@@ -135,7 +180,7 @@ def augment_batch(
             images[i] = np.roll(images[i], (dy, dx), axis=(-2, -1))
             for m in masks.values():
                 m[i] = np.roll(m[i], (dy, dx), axis=(-2, -1))
-    out["image"] = intensity_augment(images, rng, intensity) if intensity > 0 else images
+    out["image"] = intensity_augment(images, rng, intensity, norm) if intensity > 0 else images
     out.update(masks)
     return out
 
@@ -169,11 +214,13 @@ def bias_field(
     return np.exp(log_field).astype(np.float32)
 
 
-def intensity_augment(images: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+def intensity_augment(
+    images: np.ndarray, rng: np.random.Generator, strength: float = 1.0, norm: str = "phantom"
+) -> np.ndarray:
     """Per image: contrast remap, gamma, bias field, gain and Rician noise, at ``strength`` in [0, 1].
 
-    ``images`` are standardised N×C×H×W (``standardize``); each is mapped back to [0, 1], changed, clipped
-    to [0, 1] and standardised again, so the output range is the input's. Strength 0 returns a copy.
+    ``images`` are standardised N×C×H×W (``standardize`` with ``norm``); each is mapped back to [0, 1],
+    changed, clipped to [0, 1] and standardised again, so the output range is the input's. Strength 0 returns a copy.
     Nothing here knows where the skull is: every transform acts on the whole image alike (the bias field
     smoothly), as a scanner does.
     """
@@ -182,9 +229,13 @@ def intensity_augment(images: np.ndarray, rng: np.random.Generator, strength: fl
     if strength == 0 or out.size == 0:
         return out
     knots = np.linspace(0.0, 1.0, 5)
-    n, _, h, w = out.shape
+    n, c, h, w = out.shape
+    stats = _norm_stats(norm, c)
+    mean, std = (
+        (np.zeros((c, 1, 1)), np.ones((c, 1, 1))) if stats is None else (s.reshape(-1, 1, 1) for s in stats)
+    )
     for i in range(n):
-        x = np.clip(out[i] * _SPREAD + _CENTER, 0.0, 1.0)
+        x = np.clip(out[i] * std + mean, 0.0, 1.0)
         inner = knots[1:-1] + rng.uniform(-1, 1, size=3) * _CONTRAST_KNOT * strength
         x = np.interp(x, knots, np.concatenate([[0.0], np.sort(inner), [1.0]])).astype(np.float32)
         x = x ** np.float32(np.exp(rng.uniform(-1, 1) * _LOG_GAMMA * strength))
@@ -193,7 +244,7 @@ def intensity_augment(images: np.ndarray, rng: np.random.Generator, strength: fl
         sigma = rng.uniform(0, _NOISE_SIGMA * strength)
         real = x + rng.normal(0.0, sigma, size=x.shape)
         x = np.sqrt(real**2 + rng.normal(0.0, sigma, size=x.shape) ** 2)
-        out[i] = (np.clip(x, 0.0, 1.0) - _CENTER) / _SPREAD
+        out[i] = (np.clip(x, 0.0, 1.0) - mean) / std
     return out
 
 

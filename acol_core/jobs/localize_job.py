@@ -202,7 +202,9 @@ def localize_rows(
     images = [decode_png(bytes(b)) for b in rows["image"]]
     sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
     x = torch.from_numpy(
-        standardize(np.stack([prepare_image(im, cfg.channels, cfg.image_size) for im in images]))
+        standardize(
+            np.stack([prepare_image(im, cfg.channels, cfg.image_size) for im in images]), info.input_norm
+        )
     )
     x = x.to(device)
     with autocast(device, cfg.amp):

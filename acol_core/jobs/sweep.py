@@ -409,6 +409,10 @@ def check_trial_config(config: TrainConfig) -> None:
 
     from acol_core.models import create_model
 
+    if config.pretrained:
+        from acol_core.models.pretrained import check_pretrained
+
+        check_pretrained(config.pretrained)
     with torch.device("meta"):
         create_model(
             config.model,
@@ -1086,7 +1090,9 @@ def evaluate_model_on_split(
     def batches() -> Any:
         for start in range(0, table.num_rows, batch_size):
             rows = table.slice(start, batch_size).to_pydict()
-            yield decode_rows(rows, config.channels, config.image_size, with_masks=True)
+            yield decode_rows(
+                rows, config.channels, config.image_size, with_masks=True, norm=config.effective_input_norm
+            )
 
     pred = predict(model, batches(), device, config.amp)
     metrics = localization_metrics(pred, step=config.val_step)

@@ -96,6 +96,7 @@ class RunOptions:
         deterministic: the same rows in the same order on the same worker every run (Ray Data keeps
             block order; costs some throughput). With ``augment=False`` two runs with one seed then give
             the same weights, resumed or not.
+        placement_strategy: Ray's placement-group strategy for the workers (see the field).
         extra_env: environment variables for the train workers (on a cluster whose nodes lack them).
         callbacks: Ray Train ``UserCallback``s, passed to ``RunConfig(callbacks=...)`` (the sweep's trial
             reporter is one; Train V2 takes user callbacks only there).
@@ -120,6 +121,9 @@ class RunOptions:
     callbacks: list[Any] = field(default_factory=list)
     fault_injection: dict[str, Any] | None = None
     progress: Callable[[dict[str, Any]], None] | None = None
+    # How Ray places the workers' bundles: PACK (default), SPREAD (over nodes, best effort: a run that
+    # lost a node restarts on the rest) or STRICT_SPREAD (one worker per node).
+    placement_strategy: str = "PACK"
 
 
 @dataclass
@@ -146,13 +150,14 @@ def _decode(
     augment: bool,
     with_masks: bool,
     intensity: float = 0.0,
+    norm: str = "phantom",
 ) -> dict:
     from acol_core.data.transforms import augment_batch, decode_rows
 
-    out = decode_rows(batch, in_channels, size, with_masks=with_masks)
+    out = decode_rows(batch, in_channels, size, with_masks=with_masks, norm=norm)
     if augment:
         # Unseeded on purpose: each epoch re-runs this task, so each epoch sees new augmentations.
-        out = augment_batch(out, np.random.default_rng(), intensity=intensity)
+        out = augment_batch(out, np.random.default_rng(), intensity=intensity, norm=norm)
     return out
 
 
@@ -187,6 +192,7 @@ def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = Fal
                 "augment": augment,
                 "with_masks": split != "train",
                 "intensity": config.intensity_augment,
+                "norm": config.effective_input_norm,
             },
             batch_format="numpy",
             batch_size=_VAL_BATCH,
@@ -443,9 +449,17 @@ def _check_inputs(config: TrainConfig, options: RunOptions) -> None:
         raise ConfigError("cpus_per_worker must be > 0 and gpus_per_worker >= 0")
     if config.model not in list_models():
         raise ConfigError(f"unknown model {config.model!r} (known: {', '.join(list_models())})")
+    if options.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        raise ConfigError(
+            f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {options.placement_strategy!r}"
+        )
     # The name is a folder under the storage: one plain path component, so a run stays inside it.
     check_run_name(options.name)
     check_reachable(options.storage)
+    if config.pretrained:
+        from acol_core.models.pretrained import check_pretrained
+
+        check_pretrained(config.pretrained)
 
 
 def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
@@ -494,7 +508,10 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=options.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=options.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
