@@ -96,8 +96,9 @@ class ModelEntry:
     model_uri: str | None = None
     predictions_uri: str | None = None
     evaluation_uri: str | None = None
-    source: str = "train"  # "train", or "sweep" for the sweep's best model
+    source: str = "train"  # "train", "sweep" for the sweep's best model, "reuse:<label>" for a shared model
     seconds: float | None = None
+    localize: dict[str, Any] = field(default_factory=dict)  # localize options (e.g. {"gate": "anatomy"})
 
 
 @dataclass

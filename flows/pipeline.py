@@ -73,30 +73,62 @@ DEMO_MODELS: list[dict[str, Any]] = [
     {"label": "acol_coatt", "model": "acol_coatt", "options": {"delta": 0.9, "pair_policy": "different"}},
 ]
 
+# The demo's recipe (tiny backbone, 96 px): lr 0.02 with heads at 1x from scratch (at 0.01 the CAM reached
+# test PxAP 0.80-0.82 but accuracy only 0.88-0.93; at 0.03 it collapsed in 2 of 3 seeds). Every core for
+# torch in the one train worker (Ray would give its 0.5 CPU share 1 thread): the models train one after
+# another and Ray Data's decoding of 96 px slices is light. 20 fullsup rows per class: 5 made the "best"
+# checkpoint a noisy pick of early, barely trained epochs.
+_DEMO_TRAIN = {
+    "epochs": 12,
+    "image_size": 96,
+    "batch_size": 16,
+    "lr": 0.02,
+    "num_threads": os.cpu_count() or 1,
+}
+_DEMO_DATA = {"num_subjects": 100, "slices_per_subject": 8, "size": 96}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {
-        "source_options": {"num_subjects": 100, "slices_per_subject": 8, "size": 96},
+    # The standard phantom: every model the project is named for, and a short δ / fusion sweep.
+    "demo-standard": {
+        "source_options": _DEMO_DATA,
         "models": DEMO_MODELS,
-        # lr 0.02 (heads at 1x from scratch): at 0.01 the CAM reached test PxAP 0.80-0.82 but accuracy
-        # only 0.88-0.93; at 0.03 it collapsed in 2 of 3 seeds (the README's recipe study).
-        # Every core for torch in the one train worker (Ray would give its 0.5 CPU share 1 thread): the
-        # models train one after another and Ray Data's decoding of 96 px slices is light.
-        "train": {
-            "epochs": 12,
-            "image_size": 96,
-            "batch_size": 16,
-            "lr": 0.02,
-            "num_threads": os.cpu_count() or 1,
-        },
-        "sweep": {"space": "tune/spaces/demo_delta.yaml", "trials": 4, "name": "delta"},
-        # 5 per class (10 slices) made the "best" checkpoint a noisy pick of early, barely trained epochs.
+        "train": _DEMO_TRAIN,
+        "sweep": {"space": "tune/spaces/demo_delta.yaml", "trials": 3, "name": "delta"},
         "fullsup_per_class": 20,
     },
+    # The skull failure (phantom preset skull-shortcut) and its remedies side by side: CAM, CAM localized
+    # with the anatomy gate (the same model), and the competing shared-anatomy head.
+    "demo-skull": {
+        "source_options": {**_DEMO_DATA, "preset": "skull-shortcut"},
+        "models": [
+            {"label": "cam", "model": "cam", "options": {}},
+            {
+                "label": "cam+gate",
+                "model": "cam",
+                "options": {},
+                "reuse": "cam",
+                "localize": {"gate": "anatomy"},
+            },
+            {"label": "cam+compete", "model": "cam", "options": {"shared_anatomy": "compete"}},
+        ],
+        "train": _DEMO_TRAIN,
+        "sweep": None,
+        "fullsup_per_class": 20,
+    },
+    # What `make demo` runs: both of the above, each in its own run folder under --run.
+    "demo": {"parts": {"standard": "demo-standard", "skull-shortcut": "demo-skull"}},
     "smoke": {
         "source_options": {"num_subjects": 12, "slices_per_subject": 4, "size": 32},
         "models": [
             {"label": "cam", "model": "cam", "options": {}},
             {"label": "acol", "model": "acol", "options": {"delta": 0.9}},
+            {
+                "label": "cam+gate",
+                "model": "cam",
+                "options": {},
+                "reuse": "cam",
+                "localize": {"gate": "anatomy"},
+            },
         ],
         "train": {"epochs": 1, "image_size": 32, "batch_size": 16, "augment": False},
         "sweep": None,
@@ -117,9 +149,21 @@ def check_models(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
         raise ValueError("models: give at least one model")
     checked, seen = [], set()
     for index, spec in enumerate(models):
-        unknown = set(spec) - {"label", "model", "options", "epochs"}
+        unknown = set(spec) - {"label", "model", "options", "epochs", "reuse", "localize"}
         if unknown:
             raise ValueError(f"models[{index}]: unknown key(s) {', '.join(sorted(unknown))}")
+        reuse = spec.get("reuse")
+        if reuse is not None and reuse not in seen:
+            raise ValueError(f"models[{index}]: reuse names no earlier label: {reuse!r}")
+        localize = dict(spec.get("localize") or {})
+        if set(localize) - {"gate"}:
+            raise ValueError(
+                f"models[{index}]: unknown localize key(s) {', '.join(sorted(set(localize) - {'gate'}))}"
+            )
+        if "gate" in localize:
+            from acol_core.gating import check_gate
+
+            check_gate(localize["gate"])
         name = spec.get("model")
         if name not in list_models():
             raise ValueError(f"models[{index}]: unknown model {name!r} (known: {', '.join(list_models())})")
@@ -133,6 +177,8 @@ def check_models(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "model": name,
                 "options": dict(spec.get("options") or {}),
                 **({"epochs": int(spec["epochs"])} if spec.get("epochs") else {}),
+                **({"reuse": reuse} if reuse else {}),
+                **({"localize": localize} if localize else {}),
             }
         )
     return checked
@@ -267,12 +313,15 @@ def sweep_task(
 
 
 @task(name="localize", task_run_name="localize-{label}", **_TASK)
-def localize_task(run_uri: str, data_uri: str, label: str, model: str) -> str:
-    """Ray Data batch inference of one model over the val and test rows into ``<run>/predictions/<label>``."""
+def localize_task(
+    run_uri: str, data_uri: str, label: str, model: str, options: dict[str, Any] | None = None
+) -> str:
+    """Ray Data batch inference of one model over the val and test rows into ``<run>/predictions/<label>``
+    (``options``: the model entry's localize options, e.g. ``{"gate": "anatomy"}``)."""
     from acol_core.jobs.localize_job import run_localize
 
     output = predictions_uri(run_uri, label)
-    result = run_localize(model, data_uri, output, split="val,test")
+    result = run_localize(model, data_uri, output, split="val,test", **(options or {}))
     get_run_logger().info("localized %s: %d rows in %.0f s", label, result.info.num_rows, result.seconds)
     return output
 
@@ -336,7 +385,8 @@ def pipeline(
     specs = check_models(models or [{"model": m} for m in _MODELS])
     train = {"seed": seed, **(train or {})}
     for spec in specs:
-        _train_config(spec, train)
+        if "reuse" not in spec:
+            _train_config(spec, train)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not gpus_per_worker >= 0:
@@ -367,8 +417,17 @@ def pipeline(
     started = time.perf_counter()
     log.info("stage train: %s", ", ".join(spec["label"] for spec in specs))
     for spec in specs:
+        if "reuse" in spec:  # the same model, localized another way: no training of its own
+            twin = record.models[spec["reuse"]]
+            record.models[spec["label"]] = ModelEntry(
+                model=twin.model, options=twin.options, backbone=twin.backbone, epochs=twin.epochs,
+                model_uri=twin.model_uri, source=f"reuse:{spec['reuse']}", localize=spec.get("localize", {}),
+            )  # fmt: skip
+            continue
         trained = train_task(run_uri, record.data_uri, spec, train, workers, gpus_per_worker)
-        record.models[spec["label"]] = ModelEntry(model=spec["model"], options=spec["options"], **trained)
+        record.models[spec["label"]] = ModelEntry(
+            model=spec["model"], options=spec["options"], localize=spec.get("localize", {}), **trained
+        )
         write_run(run_uri, record)
     _stage(record, run_uri, "train", started)
 
@@ -390,7 +449,9 @@ def pipeline(
     started = time.perf_counter()
     log.info("stage localize: %d models", len(record.models))
     for label, entry in record.models.items():
-        entry.predictions_uri = localize_task(run_uri, record.data_uri, label, entry.model_uri)
+        entry.predictions_uri = localize_task(
+            run_uri, record.data_uri, label, entry.model_uri, entry.localize
+        )
         write_run(run_uri, record)
     _stage(record, run_uri, "localize", started)
 
@@ -452,50 +513,64 @@ def _sweep_of(args: argparse.Namespace, preset: dict[str, Any]) -> dict[str, Any
 
 def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a preset locally (ephemeral Prefect API, in-process Ray); print the metrics table and the
-    report's path. Known failures are one line on stderr: exit 2 for bad input, 1 for a failed stage."""
+    report's path. A preset with ``parts`` (``demo``) runs each part into ``<run>/<part>``. Known failures
+    are one line on stderr: exit 2 for bad input, 1 for a failed stage."""
     from acol_core.console import print_err, quiet_logs
     from acol_core.errors import exit_code
     from acol_core.storage import is_local
 
     args = _parse_args(argv)
-    preset = PRESETS[args.preset]
     run_uri = args.run or f"runs/{args.preset}"
+    parts = PRESETS[args.preset].get("parts") or {"": args.preset}
     # Ray's and Prefect's own logs to a file in the run folder (before Ray starts: its processes inherit
     # the environment); the stages print their own progress.
     log_dir = run_uri if is_local(run_uri) else f"runs/{args.preset}"
     log = quiet_logs(f"{log_dir}/logs/pipeline-{time.strftime('%Y%m%d-%H%M%S')}.log", verbose=args.verbose)
     if log is not None:
         print_err(f"pipeline {args.preset}: Ray's and Prefect's logs go to {log}; --verbose shows them here")
-    train = dict(preset["train"]) | ({"epochs": args.epochs} if args.epochs else {})
     started = time.perf_counter()
+    results: dict[str, Any] = {}
     try:
-        result = pipeline(
-            run_uri=run_uri,
-            source_options=preset["source_options"],
-            data_uri=args.data,
-            models=preset["models"],
-            train=train,
-            sweep=_sweep_of(args, preset),
-            fullsup_per_class=preset.get("fullsup_per_class", 5),
-            gpus_per_worker=(
-                args.gpus_per_worker
-                if args.gpus_per_worker is not None
-                else float(preset.get("gpus_per_worker", 0.0))
-            ),
-        )
+        for part, name in parts.items():
+            part_uri = f"{run_uri.rstrip('/')}/{part}" if part else run_uri
+            if part:
+                print_err(f"\n== {part} ({name}) -> {part_uri}")
+            results[part] = _run_preset(name, part_uri, args)
     except Exception as exc:
         code = exit_code(exc)
         if code is None:
             raise
         print(f"\npipeline: error: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(code) from None
-    record = read_run(run_uri)
-    echo("")
-    echo(summary_table(run_uri))
-    stages = ", ".join(f"{k} {v:.0f} s" for k, v in record.stages.items())
-    echo(f"\nstages: {stages}; total {time.perf_counter() - started:.0f} s")
-    echo(f"report: {result['report']}")
-    return result
+    for part, result in results.items():
+        part_uri = f"{run_uri.rstrip('/')}/{part}" if part else run_uri
+        record = read_run(part_uri)
+        echo(f"\n{part or args.preset}: test split (thresholds from fullsup val rows)" if part else "")
+        echo(summary_table(part_uri))
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in record.stages.items())
+        echo(f"stages: {stages}")
+        echo(f"report: {result['report']}")
+    echo(f"\ntotal {time.perf_counter() - started:.0f} s")
+    return results[""] if list(results) == [""] else results
+
+
+def _run_preset(name: str, run_uri: str, args: argparse.Namespace) -> dict[str, Any]:
+    preset = PRESETS[name]
+    train = dict(preset["train"]) | ({"epochs": args.epochs} if args.epochs else {})
+    return pipeline(
+        run_uri=run_uri,
+        source_options=preset["source_options"],
+        data_uri=args.data,
+        models=preset["models"],
+        train=train,
+        sweep=_sweep_of(args, preset),
+        fullsup_per_class=preset.get("fullsup_per_class", 5),
+        gpus_per_worker=(
+            args.gpus_per_worker
+            if args.gpus_per_worker is not None
+            else float(preset.get("gpus_per_worker", 0.0))
+        ),
+    )
 
 
 if __name__ == "__main__":

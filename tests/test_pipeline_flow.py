@@ -23,7 +23,7 @@ from ray_head import ray_head
 
 from acol_core.runs import read_run
 
-SMOKE_MODELS = ["cam", "acol"]
+SMOKE_MODELS = ["cam", "acol", "cam+gate"]
 STAGES = {"preprocess", "train", "localize", "evaluate", "report"}
 
 # Each case runs the flow in one process (one ephemeral API); none may leave a run folder behind.
@@ -51,6 +51,11 @@ BAD_PARAMS = {
     "unknown_key": ({"models": [{"model": "cam", "delta": 0.5}]}, "models[0]: unknown key(s) delta"),
     "train_key": ({"train": {"epoch": 2}}, "unknown config keys: epoch"),
     "gpus": ({"gpus_per_worker": -1}, "gpus_per_worker must be >= 0"),
+    "reuse_unknown": (
+        {"models": [{"model": "cam", "reuse": "acol"}]},
+        "reuse names no earlier label: 'acol'",
+    ),
+    "bad_gate": ({"models": [{"model": "cam", "localize": {"gate": "brain"}}]}, "gate must be one of"),
     "bad_delta": ({"models": [{"model": "acol", "options": {"delta": 1.5}}]}, "delta must be in (0, 1)"),
     "sweep_space": ({"sweep": {"trials": 2}}, "sweep: give 'space'"),
     "sweep_inline": ({"sweep": {"space": {"params": {}}}}, "params must be a non-empty mapping"),
@@ -76,7 +81,10 @@ def _assert_complete_run(run_uri: str, labels: list[str]) -> dict:
     assert list(record.models) == labels
     assert set(record.stages) == STAGES and all(seconds >= 0 for seconds in record.stages.values())
     for label, entry in record.models.items():
-        assert entry.model_uri == f"{run_uri}/models/{label}.safetensors" and Path(entry.model_uri).is_file()
+        trained = entry.source.removeprefix("reuse:") if entry.source.startswith("reuse:") else label
+        assert (
+            entry.model_uri == f"{run_uri}/models/{trained}.safetensors" and Path(entry.model_uri).is_file()
+        )
         assert entry.predictions_uri == f"{run_uri}/predictions/{label}"
         assert (Path(entry.predictions_uri) / "_SUCCESS.json").is_file()
         assert entry.evaluation_uri == f"{run_uri}/evaluation/{label}.json"
@@ -89,7 +97,10 @@ def _assert_complete_run(run_uri: str, labels: list[str]) -> dict:
         assert evaluation["subjects"]["csv"] == csv_uri and Path(csv_uri).read_text().startswith(
             "subject_id,"
         )
-        assert entry.epochs == 1 and entry.backbone == "tiny" and entry.source == "train"
+        assert entry.epochs == 1 and entry.backbone == "tiny" and entry.source in ("train", "reuse:cam")
+        if entry.localize.get("gate") == "anatomy":  # localized with the anatomy gate: recorded, applied
+            success = json.loads((Path(entry.predictions_uri) / "_SUCCESS.json").read_text())
+            assert success["extra"]["gate"] == "anatomy", success
     page = (Path(run_uri) / "report" / "index.html").read_text()
     assert all(f"<td>{label}</td>" in page for label in labels) and "centre-gaussian" in page
     return json.loads((Path(run_uri) / "report" / "summary.json").read_text())
