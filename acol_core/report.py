@@ -478,8 +478,9 @@ def _timings_section(record: RunRecord) -> str:
 
 
 _STYLE = """
-body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1400px; }
-table { border-collapse: collapse; margin: 1em 0; }
+body { font-family: sans-serif; margin: 2em auto; padding: 0 1em; color: #222; max-width: 1400px; }
+table { border-collapse: collapse; margin: 1em 0; display: block; overflow-x: auto; max-width: 100%; }
+code { overflow-wrap: anywhere; }
 th, td { border: 1px solid #bbb; padding: 4px 8px; text-align: right; }
 th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) { text-align: left; }
 tr.baseline { color: #666; font-style: italic; }

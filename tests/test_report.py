@@ -257,6 +257,31 @@ def test_page_renders_in_headless_chromium(page: Path, tmp_path: Path) -> None:
     assert colour(without) < 0.001 < 0.02 < colour(rendered)
 
 
+@pytest.mark.parametrize("width", [1280, 390])
+def test_page_fits_a_laptop_and_a_phone(page: Path, tmp_path: Path, width: int) -> None:
+    """No page-wide horizontal scrolling: wide tables scroll inside themselves (headless Chromium's
+    narrowest window is 500 px, so the phone case is measured at that width)."""
+    probe = page.parent / f"probe-{width}.html"
+    script = (
+        "<script>document.body.setAttribute('data-fit', "
+        "document.documentElement.scrollWidth + 'x' + window.innerWidth)</script></body>"
+    )
+    probe.write_text(page.read_text().replace("</body>", script))
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+    command += [
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--window-size={width},900",
+        "--dump-dom",
+        probe.as_uri(),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    probe.unlink()
+    found = re.search(r'data-fit="(\d+)x(\d+)"', done.stdout)
+    assert found, done.stderr[-2000:]
+    content, viewport = int(found.group(1)), int(found.group(2))
+    assert content <= viewport, f"the page is {content} px wide in a {viewport} px window"
+
+
 def test_report_of_a_run_on_s3(run: str, s3_server: str) -> None:
     remote = f"{s3_server}/report-run"
     s3, path = resolve(remote)  # the moto endpoint and keys come from the environment (conftest)
