@@ -225,16 +225,16 @@ def test_every_image_the_page_links_is_a_png_beside_it(page: Path) -> None:
     assert "<script" not in text
 
 
-def _screenshot(target: Path, shot: Path, profile: Path) -> np.ndarray:
+def _chromium(target: Path, profile: Path, *options: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on a local page, with its own profile and nothing reaching the network."""
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
     command += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    command += [
-        f"--user-data-dir={profile}",
-        f"--screenshot={shot}",
-        "--window-size=1200,2000",
-        target.as_uri(),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    command += [f"--user-data-dir={profile}", *options, target.as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def _screenshot(target: Path, shot: Path, profile: Path) -> np.ndarray:
+    done = _chromium(target, profile, f"--screenshot={shot}", "--window-size=1200,2000")
     assert shot.is_file(), done.stderr[-2000:]
     return np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
 
