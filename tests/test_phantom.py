@@ -296,8 +296,8 @@ def test_sites_differ_on_scalp_and_skull_not_in_the_brain() -> None:
     skull_px: dict[str, list[float]] = {"A": [], "B": []}
     head_px: dict[str, list[float]] = {"A": [], "B": []}
     for subject in _subjects(config):
-        # Site B crops to the head and resizes to a square: zoomed, stretched left-right.
-        assert (subject.stretch > 1.0) == (subject.site == "B") and subject.zoom > 0.95
+        # Site B crops each slice to the head's box and resizes it to a square; site A keeps the scanner's FOV.
+        assert subject.crop == (1.0 if subject.site == "B" else 0.0)
         s = render_slice(subject, 4, config, with_tumour=False)
         anatomy, inside = s.anatomy_mask.astype(bool), s.brain_mask.astype(bool)
         scalp[subject.site].append(np.percentile(s.image[anatomy], 90))
@@ -309,6 +309,20 @@ def test_sites_differ_on_scalp_and_skull_not_in_the_brain() -> None:
     assert abs(np.mean(brain["B"]) / np.mean(brain["A"]) - 1) < 0.15
     assert np.mean(skull_px["B"]) > 1.15 * np.mean(skull_px["A"])  # thicker scalp and skull at site B
     assert np.mean(head_px["B"]) > 1.3 * np.mean(head_px["A"]) and max(head_px["B"]) < 0.95  # cropped
+    assert min(head_px["B"]) > 0.7  # the head touches the image's edges, at any level
+
+
+def test_crop_fills_the_image_at_every_level() -> None:
+    subject = dataclasses.replace(sample_subject(SHORTCUT, 0), crop=1.0)
+    for k in range(SHORTCUT.slices_per_subject):
+        head = render_slice(subject, k, SHORTCUT)
+        rows = np.flatnonzero((head.anatomy_mask | head.brain_mask).any(1))
+        cols = np.flatnonzero((head.anatomy_mask | head.brain_mask).any(0))
+        if not len(rows):
+            continue
+        # Centred, reaching within a few pixels of all four edges.
+        size = SHORTCUT.size
+        assert rows[0] <= 3 and rows[-1] >= size - 4 and cols[0] <= 3 and cols[-1] >= size - 4
 
 
 def test_lesion_subtlety_fades_the_lesion_not_its_mask() -> None:

@@ -23,10 +23,10 @@ its default (0, or 0.5 for ``site_purity``) the standard phantom is drawn unchan
   fat-suppressed (darker scalp fat and skull marrow), site B scans a population with thicker scalp and
   skull on a scanner with a many-element receive coil whose sensitivity is highest next to the coil, so
   the head's periphery (scalp, skull, outer cortex) is brighter than its centre when intensities are not
-  normalised; it also has a stronger bias field (3 T B1 inhomogeneity) and less noise, and its images are
-  published cropped to the head's bounding box and resized to a square (the extreme-points crop common in
-  2-D tumour datasets), so the head fills the image, stretched left-right, where site A's keeps the
-  scanner's field of view with air around it. The site differs most on the skull and scalp; the brain
+  normalised; it also has a stronger bias field (3 T B1 inhomogeneity) and less noise, and its slices are
+  published each cropped to the head's bounding box and resized to a square (the extreme-points crop
+  common in 2-D tumour datasets), so the head fills the image, stretched left-right, where site A's keep
+  the scanner's field of view with air around the head. The site differs most on the skull and scalp; the brain
   differs through smooth gain fields, noise and the crop, and the lesion is drawn the same at both sites.
 - ``lesion_subtlety`` (0..1), **faint lesions**: not every tumour is a ring-enhancing glioblastoma with a
   necrotic core and marked oedema; low-grade and partly treated tumours enhance faintly. The lesion's
@@ -42,7 +42,7 @@ its default (0, or 0.5 for ``site_purity``) the standard phantom is drawn unchan
 ``PHANTOM_PRESETS`` names option sets (``standard``, ``imbalanced``, ``skull-shortcut``);
 ``phantom_config(preset, **options)`` builds a config from one, explicit options winning. The
 ``skull-shortcut`` preset sets the mechanisms and the class mix, no sizes, so it combines with any size.
-``anatomy_mask`` is always the scalp + skull actually drawn (thickness, zoom and level included).
+``anatomy_mask`` is always the scalp + skull actually drawn (thickness, crop and level included).
 
 Examples:
     >>> cfg = PhantomConfig(num_subjects=2, slices_per_subject=4, size=64)
@@ -249,7 +249,8 @@ class SubjectParams:
     lesion: LesionParams | None
     site: str = "A"
     zoom: float = 1.0  # field of view: > 1 draws the head larger in the image
-    stretch: float = 1.0  # further left-right zoom: a crop to the head's box resized to a square image
+    stretch: float = 1.0  # further left-right zoom
+    crop: float = 0.0  # how far each slice is cropped to its head's box and resized to a square (0..1)
     coil_shading: float = 0.0  # log gain at the head's outline over its centre (receive-coil proximity)
     levels: tuple[float, ...] = ()  # slice level of each slice; empty: evenly over [0, 1]
 
@@ -406,9 +407,24 @@ def slice_levels(config: PhantomConfig, healthy: bool, lesion: LesionParams | No
     return tuple(float(low + (high - low) * p) for p in position)
 
 
-def _head_fill(head_axes: tuple[float, float]) -> float:
-    """The zoom at which a crop to the head's widest section (any tilt and offset) fills 95 % of the image."""
-    return 0.95 / (max(head_axes) * 1.06 + 0.05)
+def _head_crop(sp: SubjectParams, z: float) -> SubjectParams:
+    """The subject as drawn on a slice at level z cropped to its head's box, resized to a square (``sp.crop``).
+
+    The box of the tilted outline ellipse at that level, with a 3 % margin for its bumps, fills the image: rows
+    by the zoom, columns by the zoom times the left-right stretch. The crop also centres the head.
+    """
+    f = _head_scale(z)
+    if sp.crop == 0 or f == 0:
+        return sp
+    a, b = sp.head_axes
+    c, s = math.cos(sp.head_angle), math.sin(sp.head_angle)
+    half_x, half_y = math.hypot(a * c, b * s), math.hypot(a * s, b * c)
+    return dataclasses.replace(
+        sp,
+        head_center=(sp.head_center[0] * (1.0 - sp.crop), sp.head_center[1] * (1.0 - sp.crop)),
+        zoom=sp.zoom + sp.crop * (1.0 / (1.03 * half_y * f) - sp.zoom),
+        stretch=sp.stretch + sp.crop * (half_y / half_x - sp.stretch),
+    )
 
 
 def sample_subject(config: PhantomConfig, index: int) -> SubjectParams:
@@ -449,9 +465,8 @@ def sample_subject(config: PhantomConfig, index: int) -> SubjectParams:
         noise_scale=float(rng.uniform(0.75, 1.25) * (1.0 - 0.2 * shift)),
         lesion=_sample_lesion(rng, head_axes, scalp + skull + csf) if has_tumour else None,
         site=site,
-        zoom=1.0 + shift * (_head_fill(head_axes) - 1.0),
-        stretch=1.0 + shift * (head_axes[1] / head_axes[0] - 1.0),
         coil_shading=0.8 * shift,
+        crop=shift,
     )
     lesion = drawn.lesion
     if lesion is not None and config.lesion_subtlety > 0:
@@ -778,12 +793,14 @@ def render_slice(
     """
     if not 0 <= slice_index < config.slices_per_subject:
         raise ValueError(f"slice_index must be in [0, {config.slices_per_subject}), got {slice_index}")
-    frame = _frame(subject, config.size)
-    pw = 2.0 / config.size / subject.zoom  # one pixel in head units
     levels = subject.levels or tuple(
         _slice_level(k, config.slices_per_subject) for k in range(slice_index + 1)
     )
     z = levels[slice_index]
+    if subject.crop:
+        subject = _head_crop(subject, z)
+    frame = _frame(subject, config.size)
+    pw = 2.0 / config.size / subject.zoom  # one pixel in head units
 
     anatomy = _render_anatomy(subject, frame, z, pw)
     img = anatomy.image
