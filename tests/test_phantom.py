@@ -254,6 +254,7 @@ def test_presets_and_overrides() -> None:
     assert set(PHANTOM_PRESETS) == {"standard", "imbalanced", "skull-shortcut"}
     assert phantom_config() == PhantomConfig()
     assert phantom_config("skull-shortcut", site_purity=0.7).site_purity == 0.7
+    assert phantom_config("skull-shortcut").lesion_subtlety == 1.0 and PhantomConfig().lesion_subtlety == 0.0
     assert phantom_config("imbalanced", size=32).size == 32
     with pytest.raises(ValueError, match="unknown phantom preset 'skull'; choose from standard"):
         phantom_config("skull")

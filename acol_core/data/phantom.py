@@ -159,13 +159,14 @@ PHANTOM_PRESETS: dict[str, dict[str, float | int]] = {
         "tumour_subject_fraction": 0.28,
         "stack_extent": 1.0,
     },
-    # Right for the wrong reason: the site's scalp and skull tell the class more easily than the lesion.
+    # Right for the wrong reason: the site's scalp and skull tell the class more easily than the faint lesion.
     "skull-shortcut": {
         "tumour_subject_fraction": 0.5,
         "site_purity": 0.97,
         "site_shift": 1.0,
         "lesion_level_focus": 1.0,
         "healthy_level_bias": 1.0,
+        "lesion_subtlety": 1.0,
     },
 }
 
