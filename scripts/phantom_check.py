@@ -9,7 +9,8 @@ Per (preset, seed): prepares the phantom preset with the demo's sizes (100 subje
 lr 0.02, batch 16, and scores the test split: accuracy, balanced accuracy and per-class recall on every row;
 PxAP, MaxBoxAccV2 and off-target share (CAM mass on scalp + skull) of the ground-truth class map on the
 tumour rows. Also the preset's tumour share per split. One JSON line per run on stdout; ``--out`` writes
-them all as a JSON list. ``--threads`` bounds torch's threads (1 on a shared machine).
+them all as a JSON list. ``--threads`` bounds torch's threads (1 on a shared machine). ``--option KEY=VALUE``
+(repeatable) overrides one of the preset's phantom options, e.g. ``--option healthy_level_bias=0.3``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ from acol_core.train import fit, iterate_minibatches, localization_metrics, pred
 __all__ = ["check", "main"]
 
 
+def _options(pairs: list[str]) -> dict[str, float]:
+    """``KEY=VALUE`` phantom overrides; integral values stay integers (sizes, counts)."""
+    out: dict[str, float] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--option wants KEY=VALUE, got {pair!r}")
+        number = float(value)
+        out[key] = int(number) if number.is_integer() and "." not in value else number
+    return out
+
+
 def _splits(data_uri: str, preset: str, seed: int, args: argparse.Namespace) -> dict[str, dict]:
     if not Path(data_uri, "_manifest.json").exists():
         prepare_dataset(
@@ -43,6 +56,7 @@ def _splits(data_uri: str, preset: str, seed: int, args: argparse.Namespace) -> 
             num_subjects=args.subjects,
             slices_per_subject=args.slices,
             size=args.size,
+            **_options(args.option),
         )
     dataset = open_dataset(data_uri)
     return {s: table_to_arrays(dataset.read_table(split=s), 1, args.size) for s in ("train", "val", "test")}
@@ -54,7 +68,8 @@ def _recalls(pred: np.ndarray, label: np.ndarray) -> list[float]:
 
 def check(preset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train CAM on one (preset, seed) and score its test split."""
-    splits = _splits(str(Path(args.data, f"{preset}-s{seed}")), preset, seed, args)
+    tag = "".join(f"-{o}" for o in sorted(args.option))
+    splits = _splits(str(Path(args.data, f"{preset}{tag}-s{seed}")), preset, seed, args)
     config = TrainConfig(
         model="cam",
         epochs=args.epochs,
@@ -77,6 +92,7 @@ def check(preset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     recalls = _recalls(pred["pred"], pred["label"])
     row: dict[str, Any] = {
         "preset": preset,
+        "options": _options(args.option),
         "seed": seed,
         "train_s": round(time.perf_counter() - started, 1),
         "tumour_share": {s: round(float(a["label"].mean()), 3) for s, a in splits.items()},
@@ -104,6 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--fullsup-per-class", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--option", action="append", default=[], help="phantom option KEY=VALUE (repeatable)")
     parser.add_argument("--out", type=Path, help="also write the rows here (JSON)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -238,6 +238,7 @@ SHORTCUT = phantom_config("skull-shortcut", num_subjects=24, slices_per_subject=
         ({"stack_extent": -0.1}, "stack_extent must be in [0, 1]"),
         ({"lesion_level_focus": 2.0}, "lesion_level_focus must be in [0, 1]"),
         ({"healthy_level_bias": -1.0}, "healthy_level_bias must be in [0, 1]"),
+        ({"lesion_subtlety": 1.2}, "lesion_subtlety must be in [0, 1]"),
         ({"site_shift": "strong"}, "site_shift must be a number, got 'strong'"),
         ({"size": 64.5}, "size must be an integer"),
         ({"noise": True}, "noise must be a number"),
@@ -253,6 +254,7 @@ def test_presets_and_overrides() -> None:
     assert set(PHANTOM_PRESETS) == {"standard", "imbalanced", "skull-shortcut"}
     assert phantom_config() == PhantomConfig()
     assert phantom_config("skull-shortcut", site_purity=0.7).site_purity == 0.7
+    assert phantom_config("skull-shortcut").lesion_subtlety == 1.0 and PhantomConfig().lesion_subtlety == 0.0
     assert phantom_config("imbalanced", size=32).size == 32
     with pytest.raises(ValueError, match="unknown phantom preset 'skull'; choose from standard"):
         phantom_config("skull")
@@ -265,7 +267,7 @@ def test_source_takes_preset_and_reports_one_clear_error() -> None:
 
     src = get_source("phantom", preset="skull-shortcut", num_subjects=2, slices_per_subject=2, size=32)
     assert src.config.site_shift == 1.0 and src.describe()["preset"] == "skull-shortcut"
-    assert {"preset", "site_purity", "stack_extent"} <= source_option_names("phantom")
+    assert {"preset", "site_purity", "stack_extent", "lesion_subtlety"} <= source_option_names("phantom")
     for bad in ({"preset": "nope"}, {"preset": "skull-shortcut", "site_shift": 3.0}):
         with pytest.raises(DataSourceError, match="source 'phantom': ") as info:
             get_source("phantom", **bad)
@@ -293,17 +295,50 @@ def test_sites_differ_on_scalp_and_skull_not_in_the_brain() -> None:
     scalp: dict[str, list[float]] = {"A": [], "B": []}
     brain: dict[str, list[float]] = {"A": [], "B": []}
     skull_px: dict[str, list[float]] = {"A": [], "B": []}
+    head_px: dict[str, list[float]] = {"A": [], "B": []}
     for subject in _subjects(config):
-        assert subject.zoom == (1.05 if subject.site == "B" else 1.0)
+        # Site B crops each slice to the head's box and resizes it to a square; site A keeps the scanner's FOV.
+        assert subject.crop == (1.0 if subject.site == "B" else 0.0)
         s = render_slice(subject, 4, config, with_tumour=False)
         anatomy, inside = s.anatomy_mask.astype(bool), s.brain_mask.astype(bool)
         scalp[subject.site].append(np.percentile(s.image[anatomy], 90))
         brain[subject.site].append(np.median(s.image[inside]))
         skull_px[subject.site].append(anatomy.sum() / (anatomy.sum() + inside.sum()))
+        head_px[subject.site].append((anatomy | inside).mean())
     assert min(map(len, scalp.values())) >= 5
     assert np.mean(scalp["B"]) > 1.6 * np.mean(scalp["A"])  # fat suppression at site A
     assert abs(np.mean(brain["B"]) / np.mean(brain["A"]) - 1) < 0.15
     assert np.mean(skull_px["B"]) > 1.15 * np.mean(skull_px["A"])  # thicker scalp and skull at site B
+    assert np.mean(head_px["B"]) > 1.3 * np.mean(head_px["A"]) and max(head_px["B"]) < 0.95  # cropped
+    assert min(head_px["B"]) > 0.7  # the head touches the image's edges, at any level
+
+
+def test_crop_fills_the_image_at_every_level() -> None:
+    subject = dataclasses.replace(sample_subject(SHORTCUT, 0), crop=1.0)
+    for k in range(SHORTCUT.slices_per_subject):
+        head = render_slice(subject, k, SHORTCUT)
+        rows = np.flatnonzero((head.anatomy_mask | head.brain_mask).any(1))
+        cols = np.flatnonzero((head.anatomy_mask | head.brain_mask).any(0))
+        if not len(rows):
+            continue
+        # Centred, reaching within a few pixels of all four edges.
+        size = SHORTCUT.size
+        assert rows[0] <= 3 and rows[-1] >= size - 4 and cols[0] <= 3 and cols[-1] >= size - 4
+
+
+def test_lesion_subtlety_fades_the_lesion_not_its_mask() -> None:
+    config = PhantomConfig(num_subjects=1, size=64, tumour_subject_fraction=1.0, noise=0.0)
+    faint = dataclasses.replace(config, lesion_subtlety=1.0)
+    plain, subtle = sample_subject(config, 0), sample_subject(faint, 0)
+    assert plain.lesion is not None and subtle.lesion is not None
+    assert subtle.lesion.rim_contrast == pytest.approx(0.4 * plain.lesion.rim_contrast)
+    k = int(np.argmax([render_slice(plain, i, config).tumour_mask.sum() for i in range(16)]))
+    a, b = render_slice(plain, k, config), render_slice(subtle, k, faint)
+    assert a.label == b.label == 1 and np.array_equal(a.tumour_mask, b.tumour_mask)
+    healthy = render_slice(plain, k, config, with_tumour=False).image.astype(float)
+    lesion = a.tumour_mask.astype(bool)
+    change = [np.abs(s.image.astype(float) - healthy)[lesion].mean() for s in (a, b)]
+    assert 0 < change[1] < 0.6 * change[0]  # fainter but still there
 
 
 def test_slice_levels_sampling_bias() -> None:

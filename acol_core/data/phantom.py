@@ -23,9 +23,15 @@ its default (0, or 0.5 for ``site_purity``) the standard phantom is drawn unchan
   fat-suppressed (darker scalp fat and skull marrow), site B scans a population with thicker scalp and
   skull on a scanner with a many-element receive coil whose sensitivity is highest next to the coil, so
   the head's periphery (scalp, skull, outer cortex) is brighter than its centre when intensities are not
-  normalised; it also has a stronger bias field (3 T B1 inhomogeneity), less noise and a tighter field of
-  view (the head fills more of the image). The site differs most on the skull and scalp; the brain differs
-  through smooth gain fields and noise, and the lesion is drawn the same at both sites.
+  normalised; it also has a stronger bias field (3 T B1 inhomogeneity) and less noise, and its slices are
+  published each cropped to the head's bounding box and resized to a square (the extreme-points crop
+  common in 2-D tumour datasets), so the head fills the image, stretched left-right, where site A's keep
+  the scanner's field of view with air around the head. The site differs most on the skull and scalp; the brain
+  differs through smooth gain fields, noise and the crop, and the lesion is drawn the same at both sites.
+- ``lesion_subtlety`` (0..1), **faint lesions**: not every tumour is a ring-enhancing glioblastoma with a
+  necrotic core and marked oedema; low-grade and partly treated tumours enhance faintly. The lesion's
+  departures from white matter (rim enhancement, oedema, necrotic core) are scaled by ``1 - 0.6 s``, so
+  at 1 they keep 40 % of their contrast: visible, but less conspicuous than the site's scalp and skull.
 - ``lesion_level_focus`` (0..1), **tumour slices from the lesion's levels**: 2-D datasets keep the slices
   that show the tumour, so a tumour subject's stack narrows onto its lesion (at 1 every level is in the
   lesion's central part).
@@ -36,7 +42,7 @@ its default (0, or 0.5 for ``site_purity``) the standard phantom is drawn unchan
 ``PHANTOM_PRESETS`` names option sets (``standard``, ``imbalanced``, ``skull-shortcut``);
 ``phantom_config(preset, **options)`` builds a config from one, explicit options winning. The
 ``skull-shortcut`` preset sets the mechanisms and the class mix, no sizes, so it combines with any size.
-``anatomy_mask`` is always the scalp + skull actually drawn (thickness, zoom and level included).
+``anatomy_mask`` is always the scalp + skull actually drawn (thickness, crop and level included).
 
 Examples:
     >>> cfg = PhantomConfig(num_subjects=2, slices_per_subject=4, size=64)
@@ -91,7 +97,7 @@ class PhantomConfig:
 
     ``min_tumour_pixels`` is given at size 128 and scales with ``(size / 128) ** 2``: a slice is "tumour"
     iff its lesion covers at least that many pixels, and a smaller lesion section is not drawn at all.
-    The last five options are the failure mechanisms of the module docstring.
+    The last six options are the failure mechanisms of the module docstring.
     """
 
     num_subjects: int = 40
@@ -106,6 +112,7 @@ class PhantomConfig:
     site_shift: float = 0.0
     lesion_level_focus: float = 0.0
     healthy_level_bias: float = 0.0
+    lesion_subtlety: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -133,6 +140,7 @@ class PhantomConfig:
             "site_shift": (0.0, 1.0),
             "lesion_level_focus": (0.0, 1.0),
             "healthy_level_bias": (0.0, 1.0),
+            "lesion_subtlety": (0.0, 1.0),
         }
         for name, (low, high) in ranges.items():
             if not low <= getattr(self, name) <= high:
@@ -151,13 +159,14 @@ PHANTOM_PRESETS: dict[str, dict[str, float | int]] = {
         "tumour_subject_fraction": 0.28,
         "stack_extent": 1.0,
     },
-    # Right for the wrong reason: the site's scalp and skull tell the class more easily than the lesion.
+    # Right for the wrong reason: the site's scalp and skull tell the class more easily than the faint lesion.
     "skull-shortcut": {
         "tumour_subject_fraction": 0.5,
         "site_purity": 0.97,
         "site_shift": 1.0,
         "lesion_level_focus": 1.0,
         "healthy_level_bias": 1.0,
+        "lesion_subtlety": 1.0,
     },
 }
 
@@ -241,6 +250,8 @@ class SubjectParams:
     lesion: LesionParams | None
     site: str = "A"
     zoom: float = 1.0  # field of view: > 1 draws the head larger in the image
+    stretch: float = 1.0  # further left-right zoom
+    crop: float = 0.0  # how far each slice is cropped to its head's box and resized to a square (0..1)
     coil_shading: float = 0.0  # log gain at the head's outline over its centre (receive-coil proximity)
     levels: tuple[float, ...] = ()  # slice level of each slice; empty: evenly over [0, 1]
 
@@ -359,6 +370,19 @@ def _site_tissue(tissue: TissueIntensities, site: str, shift: float) -> TissueIn
     return dataclasses.replace(tissue, scalp=tissue.scalp * keep, marrow=tissue.marrow * keep)
 
 
+def _subtle_lesion(lesion: LesionParams, white: float, subtlety: float) -> LesionParams:
+    """Fainter enhancement, oedema and necrosis: every departure from white matter scaled down."""
+    if subtlety == 0:
+        return lesion
+    keep = 1.0 - 0.6 * subtlety
+    return dataclasses.replace(
+        lesion,
+        rim_contrast=lesion.rim_contrast * keep,
+        oedema_drop=lesion.oedema_drop * keep,
+        core=white + (lesion.core - white) * keep,
+    )
+
+
 def slice_levels(config: PhantomConfig, healthy: bool, lesion: LesionParams | None) -> tuple[float, ...]:
     """Slice levels of one subject's stack (0 lowest brain level, 1 highest; the head spans -0.75..1.35).
 
@@ -382,6 +406,26 @@ def slice_levels(config: PhantomConfig, healthy: bool, lesion: LesionParams | No
         core_high = min(high, lesion.z_center + 0.6 * lesion.z_half)
         low, high = low + f * (core_low - low), high + f * (core_high - high)
     return tuple(float(low + (high - low) * p) for p in position)
+
+
+def _head_crop(sp: SubjectParams, z: float) -> SubjectParams:
+    """The subject as drawn on a slice at level z cropped to its head's box, resized to a square (``sp.crop``).
+
+    The box of the tilted outline ellipse at that level, with a 3 % margin for its bumps, fills the image: rows
+    by the zoom, columns by the zoom times the left-right stretch. The crop also centres the head.
+    """
+    f = _head_scale(z)
+    if sp.crop == 0 or f == 0:
+        return sp
+    a, b = sp.head_axes
+    c, s = math.cos(sp.head_angle), math.sin(sp.head_angle)
+    half_x, half_y = math.hypot(a * c, b * s), math.hypot(a * s, b * c)
+    return dataclasses.replace(
+        sp,
+        head_center=(sp.head_center[0] * (1.0 - sp.crop), sp.head_center[1] * (1.0 - sp.crop)),
+        zoom=sp.zoom + sp.crop * (1.0 / (1.03 * half_y * f) - sp.zoom),
+        stretch=sp.stretch + sp.crop * (half_y / half_x - sp.stretch),
+    )
 
 
 def sample_subject(config: PhantomConfig, index: int) -> SubjectParams:
@@ -422,10 +466,13 @@ def sample_subject(config: PhantomConfig, index: int) -> SubjectParams:
         noise_scale=float(rng.uniform(0.75, 1.25) * (1.0 - 0.2 * shift)),
         lesion=_sample_lesion(rng, head_axes, scalp + skull + csf) if has_tumour else None,
         site=site,
-        zoom=1.0 + 0.05 * shift,
         coil_shading=0.8 * shift,
+        crop=shift,
     )
-    return dataclasses.replace(drawn, levels=slice_levels(config, not has_tumour, drawn.lesion))
+    lesion = drawn.lesion
+    if lesion is not None and config.lesion_subtlety > 0:
+        lesion = _subtle_lesion(lesion, drawn.tissue.white, config.lesion_subtlety)
+    return dataclasses.replace(drawn, lesion=lesion, levels=slice_levels(config, not has_tumour, lesion))
 
 
 # ---------------------------------------------------------------- geometry helpers
@@ -435,7 +482,8 @@ def sample_subject(config: PhantomConfig, index: int) -> SubjectParams:
 class _Frame:
     """The head frame of one subject on one image grid: u left-right, v anterior-posterior (anterior < 0)."""
 
-    coords: np.ndarray  # 1-D pixel-centre coordinates, shared by x (columns) and y (rows)
+    coords: np.ndarray  # 1-D pixel-centre coordinates of the rows (y)
+    coords_x: np.ndarray  # of the columns (x): the same array unless the image is stretched
     cos_a: float
     sin_a: float
     center: tuple[float, float]
@@ -452,10 +500,11 @@ def _coords(size: int) -> np.ndarray:
 
 def _frame(sp: SubjectParams, size: int) -> _Frame:
     c = _coords(size) if sp.zoom == 1.0 else _coords(size) / np.float32(sp.zoom)
+    cx = c if sp.stretch == 1.0 else c / np.float32(sp.stretch)
     cos_a, sin_a = math.cos(sp.head_angle), math.sin(sp.head_angle)
-    dx, dy = c[None, :] - sp.head_center[0], c[:, None] - sp.head_center[1]
+    dx, dy = cx[None, :] - sp.head_center[0], c[:, None] - sp.head_center[1]
     u, v = cos_a * dx + sin_a * dy, -sin_a * dx + cos_a * dy
-    return _Frame(c, cos_a, sin_a, sp.head_center, u, v)
+    return _Frame(c, cx, cos_a, sin_a, sp.head_center, u, v)
 
 
 def _slice_level(slice_index: int, slices: int) -> float:
@@ -531,9 +580,9 @@ def _field(waves: tuple[Wave, ...], frame: _Frame, z: float) -> np.ndarray:
     alpha = ku * frame.cos_a - kv * frame.sin_a  # phase per unit x
     beta = ku * frame.sin_a + kv * frame.cos_a  # phase per unit y
     gamma = w[:, 2] * z + w[:, 3] - alpha * frame.center[0] - beta * frame.center[1]
-    c = frame.coords.astype(np.float64)
+    c, cx = frame.coords.astype(np.float64), frame.coords_x.astype(np.float64)
     row_phase = beta[:, None] * c[None, :]  # (waves, H)
-    col_phase = alpha[:, None] * c[None, :] + gamma[:, None]  # (waves, W)
+    col_phase = alpha[:, None] * cx[None, :] + gamma[:, None]  # (waves, W)
     rows = np.concatenate([np.cos(row_phase), -np.sin(row_phase)]).astype(np.float32)
     cols = np.concatenate([np.cos(col_phase), np.sin(col_phase)]).astype(np.float32)
     return np.einsum("nh,nw->hw", rows, cols) * np.float32(math.sqrt(2.0 / len(waves)))
@@ -709,11 +758,11 @@ def _paint_lesion(
 
 
 def _acquire(
-    img: np.ndarray, sp: SubjectParams, slice_index: int, z: float, coords: np.ndarray, noise: float
+    img: np.ndarray, sp: SubjectParams, slice_index: int, z: float, frame: _Frame, noise: float
 ) -> np.ndarray:
     """Multiplicative bias field, Rician noise and 8-bit quantisation; pointwise, so a lesion stays local."""
     c = sp.bias
-    x, y = coords[None, :], coords[:, None]
+    x, y = frame.coords_x[None, :], frame.coords[:, None]
     log_bias = (c[0] * x + c[2] * x * x) + (c[1] * y + c[3] * y * y) + c[4] * x * y + c[5] * (z - 0.5)
     img = img * np.exp(log_bias)
     sigma = noise * sp.noise_scale
@@ -745,12 +794,14 @@ def render_slice(
     """
     if not 0 <= slice_index < config.slices_per_subject:
         raise ValueError(f"slice_index must be in [0, {config.slices_per_subject}), got {slice_index}")
-    frame = _frame(subject, config.size)
-    pw = 2.0 / config.size / subject.zoom  # one pixel in head units
     levels = subject.levels or tuple(
         _slice_level(k, config.slices_per_subject) for k in range(slice_index + 1)
     )
     z = levels[slice_index]
+    if subject.crop:
+        subject = _head_crop(subject, z)
+    frame = _frame(subject, config.size)
+    pw = 2.0 / config.size / subject.zoom  # one pixel in head units
 
     anatomy = _render_anatomy(subject, frame, z, pw)
     img = anatomy.image
@@ -763,7 +814,7 @@ def render_slice(
     if subject.coil_shading:
         img = img * _coil_gain(subject, frame, z)
     return PhantomSlice(
-        image=_acquire(img, subject, slice_index, z, frame.coords, config.noise),
+        image=_acquire(img, subject, slice_index, z, frame, config.noise),
         label=int(tumour.any()),
         tumour_mask=tumour.astype(np.uint8),
         anatomy_mask=anatomy.anatomy.astype(np.uint8),
