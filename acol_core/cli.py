@@ -435,6 +435,9 @@ def study(
     storage: str = typer.Option(..., help="where the study folder goes (path or s3://)"),
     parallel: int = typer.Option(1, help="cells trained at once (each its own Ray Train run)"),
     table: str | None = typer.Option(None, help="also write the generated Markdown table here"),
+    tables_only: bool = typer.Option(
+        False, "--tables-only", help="train nothing: write the tables of the cells finished so far"
+    ),
 ) -> None:
     """Train, localize and evaluate every model × seed × preset; print the mean ± sd table."""
     from acol_core.jobs.study_run import run_study
@@ -442,7 +445,9 @@ def study(
 
     study_config = load_study(config)
     _quiet("study", f"{storage}/{study_config.name}")
-    results = run_study(study_config, storage, parallel=parallel, table=table, echo=_echo_err)
+    results = run_study(
+        study_config, storage, parallel=parallel, table=table, echo=_echo_err, run_cells=not tables_only
+    )
     typer.echo(results_markdown(results))
     typer.echo(f"results: {results['results_uri']}", err=True)
 

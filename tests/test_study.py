@@ -170,6 +170,12 @@ def test_smoke_study_runs_resumes_and_writes_the_table(tmp_path: Path, local_ray
     assert table.read_text() == (storage / "smoke" / "results.md").read_text()
     assert json.loads(table.with_suffix(".json").read_text()) == results
     assert "| acol |" in table.read_text()
+    # --tables-only writes the tables of what finished and trains nothing.
+    (storage / "smoke" / "tiny" / "acol" / "seed-1" / "evaluation.json").rename(storage / "held.json")
+    partial = CliRunner().invoke(app, [*args, "--tables-only"])
+    assert partial.exit_code == 0, partial.output
+    assert 'Seeds finished per model: {"cam": 2, "acol": 1}' in partial.stdout
+    (storage / "held.json").rename(storage / "smoke" / "tiny" / "acol" / "seed-1" / "evaluation.json")
     # A second run finds every cell finished: nothing is trained again.
     model = storage / "smoke" / "tiny" / "cam" / "seed-0" / "model.safetensors"
     before = model.stat().st_mtime_ns

@@ -118,6 +118,7 @@ def run_study(
     parallel: int = 1,
     table: str | None = None,
     echo: Callable[[str], None] = print,
+    run_cells: bool = True,
 ) -> dict[str, Any]:
     """Run every unfinished cell, then write ``results.json`` and ``results.md`` (and ``table``, a copy).
 
@@ -126,6 +127,7 @@ def run_study(
             cells spread over its nodes (storage must then be a URI every node reaches, e.g. s3://).
         table: also write the Markdown table here (e.g. ``docs/results/<name>.md``), and the results
             JSON beside it (``docs/results/<name>.json``: what ``scripts/docs_tables.py`` renders).
+        run_cells: False writes the results of the cells finished so far and runs nothing.
     """
     from acol_core.jobs import ray_init
     from acol_core.storage import check_reachable
@@ -134,16 +136,17 @@ def run_study(
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     check_reachable(storage)
     root = config.root(storage)
-    for preset in config.presets:
+    cells = config.cells() if run_cells else []
+    for preset in config.presets if run_cells else []:
         _prepare(config, storage, preset, echo)
-    ray_init()
-    cells = config.cells()
-    echo(f"study {config.name}: {len(cells)} cells ({len(config.presets)} presets × "
-         f"{len(config.models)} models × {len(config.seeds)} seeds) in {root}")  # fmt: skip
-    if parallel == 1:
+    if cells:
+        ray_init()
+        echo(f"study {config.name}: {len(cells)} cells ({len(config.presets)} presets × "
+             f"{len(config.models)} models × {len(config.seeds)} seeds) in {root}")  # fmt: skip
+    if cells and parallel == 1:
         for cell in cells:
             _run_cell(config, storage, cell, echo)
-    else:
+    elif cells:
         _run_cells_in_tasks(config, storage, cells, parallel, echo)
     results = aggregate(config, storage)
     results["results_uri"] = join(root, "results.json")
