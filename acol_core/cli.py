@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -65,8 +66,9 @@ def _root(
     _VERBOSE["on"] = verbose
 
 
-def _quiet(verb: str, folder: str) -> None:
-    """Ray's and Prefect's logs to ``<folder>/logs/<verb>.log`` (a local folder) or a temp file; say where."""
+def _quiet(verb: str, folder: str | None = None) -> None:
+    """Ray's and Prefect's logs to a file, and say where: ``<folder>/logs/`` for verbs that own a local
+    folder (a study), else the system temp folder (an output folder holds only what the verb commits)."""
     import tempfile
     import time
 
@@ -74,8 +76,9 @@ def _quiet(verb: str, folder: str) -> None:
     from acol_core.storage import is_local
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = folder.removeprefix("file://") if is_local(folder) else tempfile.gettempdir() + "/acol-flow"
-    path = quiet_logs(f"{base}/logs/{verb}-{stamp}.log", verbose=_VERBOSE["on"])
+    local = folder is not None and is_local(folder)
+    base = folder.removeprefix("file://") if local else f"{tempfile.gettempdir()}/acol-flow"
+    path = quiet_logs(f"{base}/logs/{verb}-{stamp}-{os.getpid()}.log", verbose=_VERBOSE["on"])
     if path is not None:
         print_err(f"acol {verb}: Ray's logs go to {path} (and Ray's session folder); -v shows them here")
 
@@ -244,7 +247,7 @@ def train(
         placement_strategy=placement_strategy,
     )
     train_config = TrainConfig.from_dict(values)
-    _quiet("train", storage)
+    _quiet("train")
     with EpochProgress(f"train {name}", train_config.epochs) as progress:
         options.progress = progress
         result = run_training(train_config, options)
@@ -283,7 +286,7 @@ def tune(
     """Sweep with Ray Tune (Optuna + ASHA), one Ray Train run per trial; prints the best config as JSON."""
     from acol_core.jobs.sweep import run_sweep
 
-    _quiet("tune", storage)
+    _quiet("tune")
     result = run_sweep(
         space,
         data,
@@ -335,7 +338,7 @@ def localize(
     from acol_core.console import RowProgress
     from acol_core.jobs.localize_job import run_localize
 
-    _quiet("localize", output)
+    _quiet("localize")
     with RowProgress("localize (rows)") as progress:
         result = run_localize(
             model,
@@ -438,6 +441,7 @@ def study(
     tables_only: bool = typer.Option(
         False, "--tables-only", help="train nothing: write the tables of the cells finished so far"
     ),
+    only: str | None = typer.Option(None, help="comma-separated model labels: run only these"),
 ) -> None:
     """Train, localize and evaluate every model × seed × preset; print the mean ± sd table."""
     from acol_core.jobs.study_run import run_study
@@ -446,8 +450,9 @@ def study(
     study_config = load_study(config)
     _quiet("study", f"{storage}/{study_config.name}")
     results = run_study(
-        study_config, storage, parallel=parallel, table=table, echo=_echo_err, run_cells=not tables_only
-    )
+        study_config, storage, parallel=parallel, table=table, echo=_echo_err, run_cells=not tables_only,
+        only=[label for label in (only or "").split(",") if label],
+    )  # fmt: skip
     typer.echo(results_markdown(results))
     typer.echo(f"results: {results['results_uri']}", err=True)
 

@@ -149,11 +149,13 @@ class _Bar:
         self.label = label
 
     def __enter__(self) -> _Bar:
-        self.progress.start()
+        if self.console.is_terminal:  # a live bar only where it can be redrawn; logs get plain lines
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.console.is_terminal:
+            self.progress.stop()
 
     def line(self, text: str) -> None:
         self.progress.console.print(f"{self.label}: {text}")

@@ -132,11 +132,12 @@ class StudyConfig:
     workers: int = 1
 
     def cells(self) -> list[StudyCell]:
-        """Every (preset, seed, model), in that nesting order: a study stopped half-way has whole seeds."""
+        """Every (seed, preset, model), in that nesting order: a study stopped half-way has whole seeds of
+        every preset."""
         return [
             StudyCell(preset, m["label"], m["model"], dict(m["options"]), seed, m["train"], m["localize"])
-            for preset in self.presets
             for seed in self.seeds
+            for preset in self.presets
             for m in self.models
         ]
 

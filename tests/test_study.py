@@ -34,6 +34,13 @@ def test_cells_layout_and_train_configs() -> None:
     assert [c.key for c in cfg.cells()] == [
         "p/cam/seed-0", "p/acol/seed-0", "p/cam/seed-1", "p/acol/seed-1", "p/cam/seed-2", "p/acol/seed-2",
     ]  # fmt: skip
+    two = parse_study(_study(presets={"p": {"data": "d1"}, "q": {"data": "d2"}}, seeds=[0, 1]))
+    assert [c.key for c in two.cells()][:4] == [
+        "p/cam/seed-0",
+        "p/acol/seed-0",
+        "q/cam/seed-0",
+        "q/acol/seed-0",
+    ]
     assert cfg.baseline == "cam"
     acol = cfg.cells()[3]
     train = cfg.train_config(acol)
@@ -145,6 +152,12 @@ def test_bad_study_file_is_one_line_exit_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["study", "--config", str(bad), "--storage", str(tmp_path / "s")])
     assert result.exit_code == 2
     assert "unknown model 'resnet'" in result.output
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(_study()))
+    result = CliRunner().invoke(
+        app, ["study", "--config", str(good), "--storage", str(tmp_path / "s"), "--only", "cam,gradcam"]
+    )
+    assert result.exit_code == 2 and "--only: no model labelled gradcam" in result.output
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: [unclosed")
     result = CliRunner().invoke(app, ["study", "--config", str(broken), "--storage", str(tmp_path / "s")])

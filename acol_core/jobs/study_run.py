@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from acol_core.errors import RunFailure, one_line
@@ -119,6 +119,7 @@ def run_study(
     table: str | None = None,
     echo: Callable[[str], None] = print,
     run_cells: bool = True,
+    only: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run every unfinished cell, then write ``results.json`` and ``results.md`` (and ``table``, a copy).
 
@@ -128,6 +129,7 @@ def run_study(
         table: also write the Markdown table here (e.g. ``docs/results/<name>.md``), and the results
             JSON beside it (``docs/results/<name>.json``: what ``scripts/docs_tables.py`` renders).
         run_cells: False writes the results of the cells finished so far and runs nothing.
+        only: run only these model labels (the table still lists every model, with its seeds done).
     """
     from acol_core.jobs import ray_init
     from acol_core.storage import check_reachable
@@ -136,7 +138,10 @@ def run_study(
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     check_reachable(storage)
     root = config.root(storage)
-    cells = config.cells() if run_cells else []
+    unknown = set(only) - {m["label"] for m in config.models}
+    if unknown:
+        raise ValueError(f"--only: no model labelled {', '.join(sorted(unknown))} in study {config.name!r}")
+    cells = [c for c in config.cells() if not only or c.label in only] if run_cells else []
     for preset in config.presets if run_cells else []:
         _prepare(config, storage, preset, echo)
     if cells:
