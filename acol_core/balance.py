@@ -31,18 +31,26 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from acol_core.config import CLASS_BALANCE_MODES, ConfigError, TrainConfig
 
 __all__ = [
     "AUTO_THRESHOLD",
     "ClassBalance",
+    "AUTO_METHOD",
     "apply_class_balance",
     "class_weights",
+    "repeat_counts",
     "resolve_class_balance",
+    "sampled_rows",
+    "sampling_factors",
     "train_class_counts",
 ]
 
 AUTO_THRESHOLD = 0.7
+# What ``auto`` does on an imbalanced train split (see the module docstring for the measurements).
+AUTO_METHOD = "weights"
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,8 @@ class ClassBalance:
     train_counts: list[int]
     minority_share: float | None
     reason: str
+    sampling_factors: list[float] | None = None
+    method: str | None = None  # "weights" or "sampler" when applied
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +75,38 @@ def class_weights(counts: Sequence[int]) -> list[float]:
     present = [c for c in counts if c > 0]
     total = sum(present)
     return [round(total / (len(present) * c), 4) if c > 0 else 0.0 for c in counts]
+
+
+def sampling_factors(counts: Sequence[int]) -> list[float]:
+    """How often each class's rows are drawn per epoch so that every class is seen as often as the
+    largest: ``max(n) / n_k`` (rounded to 4 places; 0 for absent classes, 1 for the largest)."""
+    present = [c for c in counts if c > 0]
+    largest = max(present) if present else 0
+    return [round(largest / c, 4) if c > 0 else 0.0 for c in counts]
+
+
+def repeat_counts(labels: np.ndarray, factors: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """Copies of each row in one epoch: its class's factor, rounded up or down at random so that the
+    expected count is the factor (14.27 -> 14 or 15 copies, 15 with probability 0.27).
+
+    Examples:
+        >>> repeat_counts(np.array([0, 1, 1]), [1.0, 3.0], np.random.default_rng(0)).tolist()
+        [1, 3, 3]
+    """
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    table = np.asarray(list(factors), dtype=np.float64)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(table)):
+        raise ValueError(f"labels outside the {len(table)} classes of the sampling factors")
+    wanted = table[labels]
+    whole = np.floor(wanted)
+    return (whole + (rng.random(len(wanted)) < wanted - whole)).astype(np.int64)
+
+
+def sampled_rows(labels: np.ndarray, factors: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """Row indices of one class-balanced epoch (each row ``repeat_counts`` times, in row order; shuffle
+    them after)."""
+    counts = repeat_counts(labels, factors, rng)
+    return np.repeat(np.arange(len(counts)), counts)
 
 
 def resolve_class_balance(
@@ -84,14 +126,19 @@ def resolve_class_balance(
     if given is not None:
         if len(given) != len(counts):
             raise ConfigError(f"class_weights has {len(given)} values for {len(counts)} classes")
-        return ClassBalance(mode, True, [float(w) for w in given], counts, share, "class_weights given")
+        weights = [float(w) for w in given]
+        return ClassBalance(mode, True, weights, counts, share, "class_weights given", None, "weights")
     if share is None:
         return ClassBalance(mode, False, None, counts, share, "fewer than two classes in the train split")
     if mode == "auto" and share * len(present) >= AUTO_THRESHOLD:
         reason = f"balanced enough: smallest class {share:.3f} of train rows"
         return ClassBalance(mode, False, None, counts, share, reason)
-    reason = f"smallest class {share:.3f} of train rows" if mode == "auto" else "class_balance is weights"
-    return ClassBalance(mode, True, class_weights(counts), counts, share, reason)
+    method = AUTO_METHOD if mode == "auto" else mode
+    reason = f"smallest class {share:.3f} of train rows" if mode == "auto" else f"class_balance is {mode}"
+    if method == "sampler":
+        factors = sampling_factors(counts)
+        return ClassBalance(mode, True, None, counts, share, reason, factors, method)
+    return ClassBalance(mode, True, class_weights(counts), counts, share, reason, None, method)
 
 
 def train_class_counts(split_class: Mapping[str, Mapping[str, int]], class_names: Sequence[str]) -> list[int]:
@@ -101,8 +148,11 @@ def train_class_counts(split_class: Mapping[str, Mapping[str, int]], class_names
 
 
 def apply_class_balance(config: TrainConfig, counts: Sequence[int]) -> tuple[TrainConfig, ClassBalance]:
-    """``config`` with the resolved ``class_weights`` (None when not applied), and the decision."""
+    """``config`` with the resolved ``class_weights`` and ``sampling_factors`` (None when not applied),
+    and the decision."""
     if len(counts) != config.num_classes:
         raise ConfigError(f"{len(counts)} class counts for a model with {config.num_classes} classes")
     decision = resolve_class_balance(config.class_balance, counts, config.class_weights)
-    return config.replace(class_weights=decision.weights), decision
+    return config.replace(
+        class_weights=decision.weights, sampling_factors=decision.sampling_factors
+    ), decision

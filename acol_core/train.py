@@ -139,13 +139,28 @@ def make_scheduler(
 
 
 def iterate_minibatches(
-    arrays: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator | None, augment: bool
+    arrays: dict[str, np.ndarray],
+    batch_size: int,
+    rng: np.random.Generator | None,
+    augment: bool,
+    sampling_factors: Sequence[float] | None = None,
 ) -> Iterator[Batch]:
-    """Shuffle (when ``rng``) and cut in-memory arrays into batches; the plain-process data path."""
+    """Shuffle (when ``rng``) and cut in-memory arrays into batches; the plain-process data path.
+
+    ``sampling_factors`` (``config.sampling_factors``; needs ``rng``) draw each class's rows that many
+    times (``balance.sampled_rows``), each copy augmented afresh.
+    """
+    from acol_core.balance import sampled_rows
     from acol_core.data.transforms import augment_batch
 
     n = len(arrays["label"])
-    order = rng.permutation(n) if rng is not None else np.arange(n)
+    if sampling_factors is not None:
+        if rng is None:
+            raise ValueError("sampling_factors need an rng (a shuffled train epoch)")
+        order = rng.permutation(sampled_rows(arrays["label"], sampling_factors, rng))
+        n = len(order)
+    else:
+        order = rng.permutation(n) if rng is not None else np.arange(n)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         batch = {k: v[idx] for k, v in arrays.items()}

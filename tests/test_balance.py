@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from acol_core.balance import apply_class_balance, resolve_class_balance, train_class_counts
+from acol_core.balance import (
+    apply_class_balance,
+    repeat_counts,
+    resolve_class_balance,
+    sampled_rows,
+    sampling_factors,
+    train_class_counts,
+)
 from acol_core.config import ConfigError, TrainConfig
 from acol_core.models import create_model
 from acol_core.train import classification_metrics, fit, iterate_minibatches, predict
@@ -38,11 +45,47 @@ def test_resolve_class_balance(mode, counts, applied, weights) -> None:
         )
 
 
+def test_sampler_draws_every_class_as_often_as_the_largest() -> None:
+    assert sampling_factors([628, 44]) == [1.0, 14.2727]
+    assert sampling_factors([90, 10, 0]) == [1.0, 9.0, 0.0]  # an absent class is never drawn
+    decision = resolve_class_balance("sampler", [628, 44])
+    assert (decision.applied, decision.method, decision.weights) == (True, "sampler", None)
+    assert decision.sampling_factors == [1.0, 14.2727]
+    assert resolve_class_balance("sampler", [500, 500]).sampling_factors == [1.0, 1.0]
+    config, _ = apply_class_balance(TrainConfig(class_balance="sampler"), [628, 44])
+    assert config.class_weights is None and config.sampling_factors == [1.0, 14.2727]
+    labels = np.array([0] * 628 + [1] * 44)
+    rng = np.random.default_rng(0)
+    copies = repeat_counts(labels, config.sampling_factors, rng)
+    assert set(copies[labels == 0]) == {1} and set(copies[labels == 1]) <= {14, 15}
+    per_class = np.bincount(labels[sampled_rows(labels, config.sampling_factors, rng)])
+    assert abs(per_class[1] - 628) <= 44  # the tumour rows fill about as much of the epoch as the healthy
+    with pytest.raises(ValueError, match="classes"):
+        repeat_counts(np.array([0, 2]), [1.0, 2.0], rng)
+
+
+def test_iterate_minibatches_oversamples_with_fresh_augmentation() -> None:
+    n = 40
+    arrays = {
+        "image": np.random.default_rng(1).random((n, 1, 16, 16)).astype(np.float32),
+        "label": np.array([0] * 36 + [1] * 4),
+    }
+    batches = list(iterate_minibatches(arrays, 16, np.random.default_rng(2), True, [1.0, 9.0]))
+    labels = np.concatenate([b["label"] for b in batches])
+    assert len(labels) == 72 and (labels == 1).sum() == 36
+    images = np.concatenate([b["image"] for b in batches])[labels == 1]
+    assert len({im.tobytes() for im in images}) > 4  # copies of one row are augmented each on its own
+    with pytest.raises(ValueError, match="rng"):
+        next(iterate_minibatches(arrays, 16, None, False, [1.0, 9.0]))
+
+
 def test_given_weights_and_bad_settings() -> None:
     assert resolve_class_balance("auto", [500, 500], [1.0, 3.0]).weights == [1.0, 3.0]
     assert resolve_class_balance("none", [900, 100], [1.0, 3.0]).weights is None
     with pytest.raises(ConfigError, match="class_balance"):
-        TrainConfig(class_balance="sampler")
+        TrainConfig(class_balance="oversample")
+    with pytest.raises(ConfigError, match="sampling_factors"):
+        TrainConfig(sampling_factors=[1.0, float("inf")])
     with pytest.raises(ConfigError, match="class_weights"):
         TrainConfig(class_weights=[1.0])
     with pytest.raises(ConfigError, match="class_weights"):
