@@ -110,11 +110,15 @@ def sampled_rows(labels: np.ndarray, factors: Sequence[float], rng: np.random.Ge
 
 
 def resolve_class_balance(
-    mode: str, counts: Sequence[int], given: Sequence[float] | None = None
+    mode: str,
+    counts: Sequence[int],
+    given: Sequence[float] | None = None,
+    given_factors: Sequence[float] | None = None,
 ) -> ClassBalance:
     """The balance decision for train ``counts`` (rows per class index) under ``mode``.
 
-    ``given`` weights (a config's ``class_weights``) are used as they are unless ``mode`` is ``none``.
+    ``given`` weights (a config's ``class_weights``) and ``given_factors`` (its ``sampling_factors``) are
+    used as they are unless ``mode`` is ``none``.
     """
     if mode not in CLASS_BALANCE_MODES:
         raise ConfigError(f"class_balance must be one of {', '.join(CLASS_BALANCE_MODES)}, got {mode!r}")
@@ -123,6 +127,13 @@ def resolve_class_balance(
     share = min(present) / sum(present) if len(present) > 1 else None
     if mode == "none":
         return ClassBalance(mode, False, None, counts, share, "class_balance is none")
+    if given_factors is not None:
+        if len(given_factors) != len(counts):
+            raise ConfigError(f"sampling_factors has {len(given_factors)} values for {len(counts)} classes")
+        factors = [float(f) for f in given_factors]
+        weights = None if given is None else [float(w) for w in given]
+        method = "sampler" if given is None else "sampler+weights"
+        return ClassBalance(mode, True, weights, counts, share, "sampling_factors given", factors, method)
     if given is not None:
         if len(given) != len(counts):
             raise ConfigError(f"class_weights has {len(given)} values for {len(counts)} classes")
@@ -152,7 +163,9 @@ def apply_class_balance(config: TrainConfig, counts: Sequence[int]) -> tuple[Tra
     and the decision."""
     if len(counts) != config.num_classes:
         raise ConfigError(f"{len(counts)} class counts for a model with {config.num_classes} classes")
-    decision = resolve_class_balance(config.class_balance, counts, config.class_weights)
+    decision = resolve_class_balance(
+        config.class_balance, counts, config.class_weights, config.sampling_factors
+    )
     return config.replace(
         class_weights=decision.weights, sampling_factors=decision.sampling_factors
     ), decision

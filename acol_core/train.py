@@ -8,8 +8,9 @@ Run alone (in-memory batches)::
     result = fit(config, train_batches=lambda epoch: loader(epoch))
 
 ``fit`` weighs the loss by ``config.class_weights`` and nothing else: ``class_balance`` is resolved into
-those weights from the train split's counts before (``acol_core.balance``; ``run_training`` does it from
-the dataset manifest).
+those weights, or into ``config.sampling_factors``, from the train split's counts before
+(``acol_core.balance``; ``run_training`` does it from the dataset manifest). Sampling is the data's job:
+pass ``config.sampling_factors`` to ``iterate_minibatches`` (Ray Train: ``build_datasets`` does it).
 
 Under Ray Train, ``acol_core.jobs.train_run`` passes batches streamed by Ray Data and a hook that
 reports metrics and checkpoints; nothing here imports Ray.

@@ -16,8 +16,8 @@ epoch: what resuming needs), ``model.safetensors`` (the self-describing export `
 ``history.json`` (the metrics of every epoch so far). A run with the same name and storage resumes
 from its latest checkpoint; ``max_failures`` restarts the worker group after a worker dies.
 
-The loss is class-balanced when the train split is imbalanced (``acol_core.balance``; the decision is in
-the result and the export's metadata), and the checkpoint kept as best is the one
+Training is class-balanced when the train split is imbalanced (``acol_core.balance``: minority rows
+repeated in the train stream, or loss weights; the decision is in the result and the export's metadata), and the checkpoint kept as best is the one
 ``acol_core.selection.select_epoch`` picks: the best val localisation among the epochs that classify
 (val balanced accuracy) within a margin of the best, or the last epoch when val is too small.
 """
@@ -417,7 +417,9 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
     if not manifest.split_counts.get("train"):
         raise ValueError(f"{options.data}: the dataset has no 'train' rows")
     if len(manifest.class_names) != config.num_classes:
-        config = config.replace(num_classes=len(manifest.class_names), class_weights=None)
+        config = config.replace(
+            num_classes=len(manifest.class_names), class_weights=None, sampling_factors=None
+        )
     config, balance = apply_class_balance(config, _train_class_counts(options.data, manifest))
     ray_init()
     datasets = build_datasets(options.data, config, options.deterministic)
