@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from acol_core.balance import (
+    AUTO_METHOD,
     apply_class_balance,
     repeat_counts,
     resolve_class_balance,
@@ -35,9 +36,15 @@ from acol_core.train import classification_metrics, fit, iterate_minibatches, pr
     ],
 )
 def test_resolve_class_balance(mode, counts, applied, weights) -> None:
+    """``weights``: the weights that ``auto`` (whose method is the sampler) or ``weights`` would use."""
     decision = resolve_class_balance(mode, counts)
-    assert (decision.applied, decision.weights) == (applied, weights)
+    assert decision.applied == applied
     assert decision.train_counts == counts and decision.mode == mode
+    if mode == "auto" and applied:
+        assert decision.method == AUTO_METHOD == "sampler" and decision.weights is None
+        assert decision.sampling_factors == sampling_factors(counts)
+        decision = resolve_class_balance("weights", counts)
+    assert decision.weights == weights
     if applied and mode != "none":
         # the average train row weighs 1
         assert sum(w * c for w, c in zip(weights, counts, strict=True)) / sum(counts) == pytest.approx(
@@ -94,24 +101,32 @@ def test_given_weights_and_bad_settings() -> None:
         apply_class_balance(TrainConfig(), [1, 2, 3])
 
 
-def test_apply_class_balance_records_weights_in_the_config_and_export() -> None:
+def test_apply_class_balance_records_the_decision_in_the_config_and_export() -> None:
     from acol_core.export import export_bytes, read_export_info
 
     counts = train_class_counts(
         {"train": {"healthy": 930, "tumour": 70}, "val": {"healthy": 5}}, ["healthy", "tumour"]
     )
     assert counts == [930, 70]
-    config, decision = apply_class_balance(TrainConfig(), counts)
-    assert config.class_weights == [0.5376, 7.1429] and decision.applied
-    assert TrainConfig.from_dict(config.to_dict()) == config
     model = create_model("cam", num_classes=2, backbone="tiny")
+    config, decision = apply_class_balance(TrainConfig(), counts)  # the default: the sampler
+    assert config.sampling_factors == [1.0, 13.2857] and config.class_weights is None and decision.applied
+    assert TrainConfig.from_dict(config.to_dict()) == config
     info = read_export_info(
         export_bytes(model, config, ["healthy", "tumour"], class_balance=decision.to_dict())
     )
-    assert info.config.class_weights == [0.5376, 7.1429]
-    assert info.extra["class_balance"]["applied"] is True
+    assert info.config.sampling_factors == [1.0, 13.2857]
+    assert info.extra["class_balance"]["method"] == "sampler" and info.extra["class_balance"]["applied"]
+    config, decision = apply_class_balance(TrainConfig(class_balance="weights"), counts)
+    assert config.class_weights == [0.5376, 7.1429] and config.sampling_factors is None
+    info = read_export_info(
+        export_bytes(model, config, ["healthy", "tumour"], class_balance=decision.to_dict())
+    )
+    assert (
+        info.config.class_weights == [0.5376, 7.1429] and info.extra["class_balance"]["method"] == "weights"
+    )
     unbalanced, decision = apply_class_balance(config.replace(class_balance="none"), counts)
-    assert unbalanced.class_weights is None and not decision.applied
+    assert unbalanced.class_weights is None and unbalanced.sampling_factors is None and not decision.applied
 
 
 @pytest.mark.parametrize("name", ["cam", "acol", "coatt", "acol_coatt"])
