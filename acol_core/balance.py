@@ -3,8 +3,9 @@
 On a cohort with 7 % tumour slices an unbalanced loss is minimised by "always healthy" (val accuracy
 0.93, tumour recall 0), and the tumour CAM of such a model is noise. With ``class_balance``:
 
-- ``auto`` (default): balance with ``AUTO_METHOD`` (the sampler) when the smallest class holds under
-  ``AUTO_THRESHOLD`` (0.7) of an even share of the train rows, i.e. under 35 % of them with two classes;
+- ``auto`` (default): balance when the smallest class holds under ``AUTO_THRESHOLD`` (0.7) of an even
+  share of the train rows, i.e. under 35 % of them with two classes: with the sampler when the run
+  augments (the default), with loss weights when it does not (``auto_method``);
 - ``sampler``: always draw by class; ``weights``: always weigh the loss; ``none``: never balance.
 
 **Sampler** (the default's method): every epoch draws each train row ``max(n) / n_k`` times (its class's
@@ -27,7 +28,8 @@ that meets a tumour slice a large one: val tumour recall and PxAP jumped from ep
 epoch missed the recipe's target (tumour recall >= 0.8 and balanced accuracy >= 0.85) for seeds where the
 sampler met it; the sampler's steps are ordinary-sized, and its tumour rows come back augmented
 differently each time instead of weighing more. Without augmentation the sampler repeats identical
-tumour slices and overfits them: keep ``augment`` on with it. ``scripts/imbalanced_recipe.py`` reruns the
+tumour slices and overfits them (val tumour recall fell to a third on the phantom and near 0 on the
+synthetic set of the tests, where the weights met the target), so ``auto`` weighs the loss then. ``scripts/imbalanced_recipe.py`` reruns the
 comparison (``--mode sampler|weights``).
 
 Near-empty slices (the top and bottom of a head, nearly all background) get nothing special: they are
@@ -56,8 +58,8 @@ from acol_core.config import CLASS_BALANCE_MODES, ConfigError, TrainConfig
 __all__ = [
     "AUTO_THRESHOLD",
     "ClassBalance",
-    "AUTO_METHOD",
     "apply_class_balance",
+    "auto_method",
     "class_weights",
     "repeat_counts",
     "resolve_class_balance",
@@ -67,8 +69,6 @@ __all__ = [
 ]
 
 AUTO_THRESHOLD = 0.7
-# What ``auto`` does on an imbalanced train split (see the module docstring for the measurements).
-AUTO_METHOD = "sampler"
 
 
 @dataclass(frozen=True)
@@ -127,16 +127,23 @@ def sampled_rows(labels: np.ndarray, factors: Sequence[float], rng: np.random.Ge
     return np.repeat(np.arange(len(counts)), counts)
 
 
+def auto_method(augment: bool) -> str:
+    """What ``auto`` does on an imbalanced train split: the sampler when the copies it draws are augmented
+    afresh, loss weights when they would be identical (see the module docstring for the measurements)."""
+    return "sampler" if augment else "weights"
+
+
 def resolve_class_balance(
     mode: str,
     counts: Sequence[int],
     given: Sequence[float] | None = None,
     given_factors: Sequence[float] | None = None,
+    augment: bool = True,
 ) -> ClassBalance:
     """The balance decision for train ``counts`` (rows per class index) under ``mode``.
 
     ``given`` weights (a config's ``class_weights``) and ``given_factors`` (its ``sampling_factors``) are
-    used as they are unless ``mode`` is ``none``.
+    used as they are unless ``mode`` is ``none``. ``augment`` (the run's) decides ``auto``'s method.
     """
     if mode not in CLASS_BALANCE_MODES:
         raise ConfigError(f"class_balance must be one of {', '.join(CLASS_BALANCE_MODES)}, got {mode!r}")
@@ -162,8 +169,10 @@ def resolve_class_balance(
     if mode == "auto" and share * len(present) >= AUTO_THRESHOLD:
         reason = f"balanced enough: smallest class {share:.3f} of train rows"
         return ClassBalance(mode, False, None, counts, share, reason)
-    method = AUTO_METHOD if mode == "auto" else mode
+    method = auto_method(augment) if mode == "auto" else mode
     reason = f"smallest class {share:.3f} of train rows" if mode == "auto" else f"class_balance is {mode}"
+    if mode == "auto":
+        reason += ": sampler (augmented copies)" if method == "sampler" else ": weights (no augmentation)"
     if method == "sampler":
         factors = sampling_factors(counts)
         return ClassBalance(mode, True, None, counts, share, reason, factors, method)
@@ -182,7 +191,7 @@ def apply_class_balance(config: TrainConfig, counts: Sequence[int]) -> tuple[Tra
     if len(counts) != config.num_classes:
         raise ConfigError(f"{len(counts)} class counts for a model with {config.num_classes} classes")
     decision = resolve_class_balance(
-        config.class_balance, counts, config.class_weights, config.sampling_factors
+        config.class_balance, counts, config.class_weights, config.sampling_factors, config.augment
     )
     return config.replace(
         class_weights=decision.weights, sampling_factors=decision.sampling_factors
