@@ -202,7 +202,9 @@ def train(
     keep_checkpoints: int = typer.Option(2, help="best checkpoints kept (the latest is kept too)"),
     deterministic: bool = typer.Option(False, help="same data order every run (slower streaming)"),
     class_balance: str | None = typer.Option(
-        None, help="auto (weigh the loss when the train split is imbalanced), weights or none [default: auto]"
+        None,
+        help="auto (balance when the train split is imbalanced), sampler (draw minority rows more often), "
+        "weights (weigh the loss) or none [default: auto]",
     ),
     pretrained: str | None = typer.Option(
         None, help="backbone weights (state dict .pt/.pth/.safetensors): a path or s3:// URI, cached per node"

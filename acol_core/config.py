@@ -17,7 +17,7 @@ from acol_core.errors import UserError
 
 __all__ = ["CLASS_BALANCE_MODES", "ConfigError", "TrainConfig", "load_config_file"]
 
-CLASS_BALANCE_MODES = ("auto", "weights", "none")
+CLASS_BALANCE_MODES = ("auto", "weights", "sampler", "none")
 
 
 class ConfigError(UserError, ValueError):
@@ -61,11 +61,15 @@ class TrainConfig:
     num_threads: int = 0
     checkpoint_every: int = 1
     val_step: float = 0.01
-    # Loss weights per class (see acol_core.balance): auto = on when the train split is imbalanced.
+    # Class balance (see acol_core.balance): auto = on when the train split is imbalanced; weights
+    # (loss weights), sampler (minority rows drawn more often) or none.
     class_balance: str = "auto"
     # The weights the loss uses (one per class); set from the train split's counts by
     # balance.apply_class_balance, or given. None: unweighted.
     class_weights: list[float] | None = None
+    # How often each class's train rows are drawn per epoch (one factor per class; balance.sampling_factors),
+    # set by balance.apply_class_balance under the sampler, or given. None: every row once.
+    sampling_factors: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -97,6 +101,15 @@ class TrainConfig:
             self.class_weights = weights
         if self.input_norm not in ("auto", "phantom", "imagenet", "none"):
             raise ConfigError(f"input_norm must be auto, phantom, imagenet or none, got {self.input_norm!r}")
+        if self.sampling_factors is not None:
+            factors = [float(f) for f in self.sampling_factors]
+            if len(factors) != self.num_classes or not all(0 <= f < float("inf") for f in factors):
+                raise ConfigError(
+                    f"sampling_factors must be {self.num_classes} finite values >= 0, got {self.sampling_factors}"
+                )
+            if not any(factors):
+                raise ConfigError("sampling_factors must not all be 0")
+            self.sampling_factors = factors
         delta = self.model_options.get("delta")
         if delta is not None and not 0.0 < float(delta) < 1.0:
             raise ConfigError(f"delta must be in (0, 1), got {delta}")

@@ -8,8 +8,9 @@ Run alone (in-memory batches)::
     result = fit(config, train_batches=lambda epoch: loader(epoch))
 
 ``fit`` weighs the loss by ``config.class_weights`` and nothing else: ``class_balance`` is resolved into
-those weights from the train split's counts before (``acol_core.balance``; ``run_training`` does it from
-the dataset manifest).
+those weights, or into ``config.sampling_factors``, from the train split's counts before
+(``acol_core.balance``; ``run_training`` does it from the dataset manifest). Sampling is the data's job:
+pass ``config.sampling_factors`` to ``iterate_minibatches`` (Ray Train: ``build_datasets`` does it).
 
 Under Ray Train, ``acol_core.jobs.train_run`` passes batches streamed by Ray Data and a hook that
 reports metrics and checkpoints; nothing here imports Ray.
@@ -145,16 +146,26 @@ def iterate_minibatches(
     augment: bool,
     intensity: float = 0.0,
     norm: str = "phantom",
+    sampling_factors: Sequence[float] | None = None,
 ) -> Iterator[Batch]:
     """Shuffle (when ``rng``) and cut in-memory arrays into batches; the plain-process data path.
 
     ``intensity``: ``TrainConfig.intensity_augment``, used when augmenting images standardised with
-    ``norm`` (``TrainConfig.effective_input_norm``).
+    ``norm`` (``TrainConfig.effective_input_norm``). ``sampling_factors`` (``config.sampling_factors``;
+    needs ``rng``) draw each class's rows that many times (``balance.sampled_rows``), each copy augmented
+    afresh.
     """
+    from acol_core.balance import sampled_rows
     from acol_core.data.transforms import augment_batch
 
     n = len(arrays["label"])
-    order = rng.permutation(n) if rng is not None else np.arange(n)
+    if sampling_factors is not None:
+        if rng is None:
+            raise ValueError("sampling_factors need an rng (a shuffled train epoch)")
+        order = rng.permutation(sampled_rows(arrays["label"], sampling_factors, rng))
+        n = len(order)
+    else:
+        order = rng.permutation(n) if rng is not None else np.arange(n)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         batch = {k: v[idx] for k, v in arrays.items()}

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from acol_core.balance import apply_class_balance, resolve_class_balance, train_class_counts
+from acol_core.balance import (
+    apply_class_balance,
+    auto_method,
+    repeat_counts,
+    resolve_class_balance,
+    sampled_rows,
+    sampling_factors,
+    train_class_counts,
+)
 from acol_core.config import ConfigError, TrainConfig
 from acol_core.models import create_model
 from acol_core.train import classification_metrics, fit, iterate_minibatches, predict
@@ -28,9 +36,17 @@ from acol_core.train import classification_metrics, fit, iterate_minibatches, pr
     ],
 )
 def test_resolve_class_balance(mode, counts, applied, weights) -> None:
+    """``weights``: the weights that ``auto`` (whose method is the sampler) or ``weights`` would use."""
     decision = resolve_class_balance(mode, counts)
-    assert (decision.applied, decision.weights) == (applied, weights)
+    assert decision.applied == applied
     assert decision.train_counts == counts and decision.mode == mode
+    if mode == "auto" and applied:
+        assert decision.method == auto_method(True) == "sampler" and decision.weights is None
+        assert decision.sampling_factors == sampling_factors(counts)
+        unaugmented = resolve_class_balance(mode, counts, augment=False)
+        assert unaugmented.method == "weights" and unaugmented.weights == weights
+        decision = resolve_class_balance("weights", counts)
+    assert decision.weights == weights
     if applied and mode != "none":
         # the average train row weighs 1
         assert sum(w * c for w, c in zip(weights, counts, strict=True)) / sum(counts) == pytest.approx(
@@ -38,11 +54,47 @@ def test_resolve_class_balance(mode, counts, applied, weights) -> None:
         )
 
 
+def test_sampler_draws_every_class_as_often_as_the_largest() -> None:
+    assert sampling_factors([628, 44]) == [1.0, 14.2727]
+    assert sampling_factors([90, 10, 0]) == [1.0, 9.0, 0.0]  # an absent class is never drawn
+    decision = resolve_class_balance("sampler", [628, 44])
+    assert (decision.applied, decision.method, decision.weights) == (True, "sampler", None)
+    assert decision.sampling_factors == [1.0, 14.2727]
+    assert resolve_class_balance("sampler", [500, 500]).sampling_factors == [1.0, 1.0]
+    config, _ = apply_class_balance(TrainConfig(class_balance="sampler"), [628, 44])
+    assert config.class_weights is None and config.sampling_factors == [1.0, 14.2727]
+    labels = np.array([0] * 628 + [1] * 44)
+    rng = np.random.default_rng(0)
+    copies = repeat_counts(labels, config.sampling_factors, rng)
+    assert set(copies[labels == 0]) == {1} and set(copies[labels == 1]) <= {14, 15}
+    per_class = np.bincount(labels[sampled_rows(labels, config.sampling_factors, rng)])
+    assert abs(per_class[1] - 628) <= 44  # the tumour rows fill about as much of the epoch as the healthy
+    with pytest.raises(ValueError, match="classes"):
+        repeat_counts(np.array([0, 2]), [1.0, 2.0], rng)
+
+
+def test_iterate_minibatches_oversamples_with_fresh_augmentation() -> None:
+    n = 40
+    arrays = {
+        "image": np.random.default_rng(1).random((n, 1, 16, 16)).astype(np.float32),
+        "label": np.array([0] * 36 + [1] * 4),
+    }
+    batches = list(iterate_minibatches(arrays, 16, np.random.default_rng(2), True, [1.0, 9.0]))
+    labels = np.concatenate([b["label"] for b in batches])
+    assert len(labels) == 72 and (labels == 1).sum() == 36
+    images = np.concatenate([b["image"] for b in batches])[labels == 1]
+    assert len({im.tobytes() for im in images}) > 4  # copies of one row are augmented each on its own
+    with pytest.raises(ValueError, match="rng"):
+        next(iterate_minibatches(arrays, 16, None, False, [1.0, 9.0]))
+
+
 def test_given_weights_and_bad_settings() -> None:
     assert resolve_class_balance("auto", [500, 500], [1.0, 3.0]).weights == [1.0, 3.0]
     assert resolve_class_balance("none", [900, 100], [1.0, 3.0]).weights is None
     with pytest.raises(ConfigError, match="class_balance"):
-        TrainConfig(class_balance="sampler")
+        TrainConfig(class_balance="oversample")
+    with pytest.raises(ConfigError, match="sampling_factors"):
+        TrainConfig(sampling_factors=[1.0, float("inf")])
     with pytest.raises(ConfigError, match="class_weights"):
         TrainConfig(class_weights=[1.0])
     with pytest.raises(ConfigError, match="class_weights"):
@@ -51,24 +103,34 @@ def test_given_weights_and_bad_settings() -> None:
         apply_class_balance(TrainConfig(), [1, 2, 3])
 
 
-def test_apply_class_balance_records_weights_in_the_config_and_export() -> None:
+def test_apply_class_balance_records_the_decision_in_the_config_and_export() -> None:
     from acol_core.export import export_bytes, read_export_info
 
     counts = train_class_counts(
         {"train": {"healthy": 930, "tumour": 70}, "val": {"healthy": 5}}, ["healthy", "tumour"]
     )
     assert counts == [930, 70]
-    config, decision = apply_class_balance(TrainConfig(), counts)
-    assert config.class_weights == [0.5376, 7.1429] and decision.applied
-    assert TrainConfig.from_dict(config.to_dict()) == config
     model = create_model("cam", num_classes=2, backbone="tiny")
+    config, decision = apply_class_balance(TrainConfig(), counts)  # the default: the sampler
+    assert config.sampling_factors == [1.0, 13.2857] and config.class_weights is None and decision.applied
+    assert TrainConfig.from_dict(config.to_dict()) == config
     info = read_export_info(
         export_bytes(model, config, ["healthy", "tumour"], class_balance=decision.to_dict())
     )
-    assert info.config.class_weights == [0.5376, 7.1429]
-    assert info.extra["class_balance"]["applied"] is True
+    assert info.config.sampling_factors == [1.0, 13.2857]
+    assert info.extra["class_balance"]["method"] == "sampler" and info.extra["class_balance"]["applied"]
+    config, decision = apply_class_balance(TrainConfig(class_balance="weights"), counts)
+    assert config.class_weights == [0.5376, 7.1429] and config.sampling_factors is None
+    info = read_export_info(
+        export_bytes(model, config, ["healthy", "tumour"], class_balance=decision.to_dict())
+    )
+    assert (
+        info.config.class_weights == [0.5376, 7.1429] and info.extra["class_balance"]["method"] == "weights"
+    )
+    unaugmented, decision = apply_class_balance(TrainConfig(augment=False), counts)
+    assert unaugmented.class_weights == [0.5376, 7.1429] and decision.method == "weights"
     unbalanced, decision = apply_class_balance(config.replace(class_balance="none"), counts)
-    assert unbalanced.class_weights is None and not decision.applied
+    assert unbalanced.class_weights is None and unbalanced.sampling_factors is None and not decision.applied
 
 
 @pytest.mark.parametrize("name", ["cam", "acol", "coatt", "acol_coatt"])
@@ -187,8 +249,9 @@ def imbalanced_cohort(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_defaults_learn_the_tumour_class_on_an_imbalanced_cohort(imbalanced_cohort: str) -> None:
-    """The recipe issue's target: with the defaults (class_balance auto), val tumour recall >= 0.8 and
-    balanced accuracy >= 0.85 on a cohort where "always healthy" scores ~0.9 accuracy."""
+    """The recipe issue's target: with the defaults (class_balance auto: the sampler, augmentation on),
+    val tumour recall >= 0.8 and balanced accuracy >= 0.85 on a cohort where "always healthy" scores ~0.9
+    accuracy. (The loss weights missed it on this cohort: ``scripts/imbalanced_recipe.py --mode weights``.)"""
     from acol_core.balance import train_class_counts
     from acol_core.data.shards import open_dataset
     from acol_core.data.transforms import table_to_arrays
@@ -196,20 +259,29 @@ def test_defaults_learn_the_tumour_class_on_an_imbalanced_cohort(imbalanced_coho
     dataset = open_dataset(imbalanced_cohort)
     counts = train_class_counts(dataset.manifest.counts["split_class"], dataset.class_names)
     assert counts[1] / sum(counts) < 0.15  # imbalanced as the real cohort was
-    size = 48
+    size = 64
     train = table_to_arrays(dataset.read_table("train"), 1, size)
     val = table_to_arrays(dataset.read_table("val"), 1, size)
     assert (val["label"] == 1).sum() >= 8
-    config = TrainConfig(model="cam", epochs=8, batch_size=32, lr=0.02, image_size=size, augment=False)
+    config = TrainConfig(model="cam", epochs=12, batch_size=32, lr=0.02, image_size=size)
     config, decision = apply_class_balance(config, counts)
-    assert decision.applied and config.class_weights[1] > 3 * config.class_weights[0]
-    result = fit(
-        config,
-        train_batches=lambda e: iterate_minibatches(
-            train, config.batch_size, np.random.default_rng([5, e]), False
-        ),
-        val_batches=lambda: iterate_minibatches(val, 64, None, False),
-    )
+    assert decision.method == "sampler" and config.sampling_factors[1] > 10 * config.sampling_factors[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = fit(
+            config,
+            train_batches=lambda e: iterate_minibatches(
+                train,
+                config.batch_size,
+                np.random.default_rng([5, e]),
+                config.augment,
+                config.sampling_factors,
+            ),
+            val_batches=lambda: iterate_minibatches(val, 64, None, False),
+        )
+    finally:
+        torch.set_num_threads(threads)
     last = result.history[-1]
     assert last["val_recall_1"] >= 0.8, last
     assert last["val_balanced_accuracy"] >= 0.85, last

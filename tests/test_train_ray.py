@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from acol_core.cli import app
 from acol_core.config import TrainConfig
 from acol_core.data.prepare import prepare_dataset
+from acol_core.data.shards import open_dataset
 from acol_core.export import load_exported
 from acol_core.selection import select_epoch
 from acol_core.storage import join, list_dir, read_bytes, resolve
@@ -100,6 +101,22 @@ def test_split_selection_streams_decoded_rows(local_ray: None, phantom: str) -> 
     assert batch["image"].shape == (n, 1, 32, 32) and batch["image"].dtype == np.float32
     assert batch["mask"].shape == (n, 32, 32) and set(np.unique(batch["mask"])) <= {0, 1, 255}
     assert batch["fullsup"].dtype == bool and batch["fullsup"].any()
+
+
+def test_sampler_repeats_train_rows_by_class_in_the_stream(local_ray: None, phantom: str) -> None:
+    """class_balance sampler under Ray Data: each train row as often as its class's factor (integers here,
+    so the count is exact), every copy decoded on its own; val is not resampled."""
+    counts = np.bincount(
+        open_dataset(phantom).read_table("train", columns=["label"])["label"].to_numpy(), minlength=2
+    )
+    assert counts.min() > 0
+    datasets = _with_timeout(lambda: build_datasets(phantom, _config(sampling_factors=[1.0, 3.0])), 60)
+    labels = _with_timeout(
+        lambda: np.concatenate([b["label"] for b in datasets["train"].iter_batches(batch_format="numpy")]), 60
+    )
+    assert np.bincount(labels, minlength=2).tolist() == [int(counts[0]), 3 * int(counts[1])]
+    val = _with_timeout(lambda: datasets["val"].count(), 60)
+    assert val == 8
 
 
 def test_run_reports_every_epoch_and_exports_a_loadable_model(reference: TrainRunResult) -> None:
@@ -226,7 +243,10 @@ def test_same_name_and_storage_resumes_with_more_epochs(reference: TrainRunResul
         (["--data", "{data}", "--model", "bogus"], "unknown model 'bogus'"),
         (["--data", "{data}", "--workers", "0"], "workers must be >= 1"),
         (["--data", "{data}", "--delta", "1.5"], "delta must be in (0, 1)"),
-        (["--data", "{data}", "--class-balance", "sampler"], "class_balance must be one of auto, weights"),
+        (
+            ["--data", "{data}", "--class-balance", "oversample"],
+            "class_balance must be one of auto, weights, sampler",
+        ),
     ],
 )
 def test_train_command_fails_in_one_line_before_starting_ray(

@@ -16,8 +16,8 @@ epoch: what resuming needs), ``model.safetensors`` (the self-describing export `
 ``history.json`` (the metrics of every epoch so far). A run with the same name and storage resumes
 from its latest checkpoint; ``max_failures`` restarts the worker group after a worker dies.
 
-The loss is class-balanced when the train split is imbalanced (``acol_core.balance``; the decision is in
-the result and the export's metadata), and the checkpoint kept as best is the one
+Training is class-balanced when the train split is imbalanced (``acol_core.balance``: minority rows
+repeated in the train stream, or loss weights; the decision is in the result and the export's metadata), and the checkpoint kept as best is the one
 ``acol_core.selection.select_epoch`` picks: the best val localisation among the epochs that classify
 (val balanced accuracy) within a margin of the best, or the last epoch when val is too small.
 """
@@ -161,12 +161,25 @@ def _decode(
     return out
 
 
+def _repeat_rows(batch: dict[str, np.ndarray], factors: list[float]) -> dict[str, np.ndarray]:
+    """Each row as many times as its class's sampling factor (``balance.repeat_counts``), before
+    decoding, so that every copy is decoded and augmented on its own."""
+    from acol_core.balance import repeat_counts
+
+    # Unseeded on purpose, like the augmentation: each epoch re-runs this task and draws anew.
+    counts = repeat_counts(batch["label"], factors, np.random.default_rng())
+    index = np.repeat(np.arange(len(counts)), counts)
+    return {k: np.asarray(v)[index] for k, v in batch.items()}
+
+
 def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = False) -> dict[str, Any]:
     """Lazy Ray Datasets: ``train`` (decoded, augmented) and ``val`` (decoded, with masks), if present.
 
     The split is selected with a predicate expression (``Dataset.filter(expr=...)``): Ray 2.60 refuses
     ``read_parquet(filter=...)`` and pushes this expression down to the Parquet scan instead.
-    Without ``deterministic`` the shard files are read in a new random order every epoch.
+    Without ``deterministic`` the shard files are read in a new random order every epoch. With
+    ``config.sampling_factors`` (class_balance sampler) the train rows are repeated by class before they
+    are decoded; the workers' local shuffle then spreads the copies over the epoch.
     """
     import ray.data
     from ray.data.expressions import col, lit
@@ -184,6 +197,13 @@ def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = Fal
         with parquet_reader_v1():
             ds = ray.data.read_parquet(dataset.shard_paths(), filesystem=dataset.filesystem, shuffle=shuffle)
         ds = ds.filter(expr=col("split") == lit(split)).select_columns(_COLUMNS)
+        if split == "train" and config.sampling_factors is not None:
+            ds = ds.map_batches(
+                _repeat_rows,
+                fn_kwargs={"factors": list(config.sampling_factors)},
+                batch_format="numpy",
+                batch_size=_VAL_BATCH,
+            )
         datasets[split] = ds.map_batches(
             _decode,
             fn_kwargs={
@@ -478,7 +498,9 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
     if not manifest.split_counts.get("train"):
         raise ValueError(f"{options.data}: the dataset has no 'train' rows")
     if len(manifest.class_names) != config.num_classes:
-        config = config.replace(num_classes=len(manifest.class_names), class_weights=None)
+        config = config.replace(
+            num_classes=len(manifest.class_names), class_weights=None, sampling_factors=None
+        )
     if config.in_channels is None:
         # Datasets prepared before the manifest recorded channels: 1 (images are then averaged).
         config = config.replace(in_channels=int(manifest.preparation.get("channels", 1)))
