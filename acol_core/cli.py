@@ -72,15 +72,26 @@ def _quiet(verb: str, folder: str | None = None) -> None:
     import tempfile
     import time
 
-    from acol_core.console import print_err, quiet_logs
+    from acol_core.console import quiet_logs
     from acol_core.storage import is_local
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     local = folder is not None and is_local(folder)
     base = folder.removeprefix("file://") if local else f"{tempfile.gettempdir()}/acol-flow"
-    path = quiet_logs(f"{base}/logs/{verb}-{stamp}-{os.getpid()}.log", verbose=_VERBOSE["on"])
-    if path is not None:
-        print_err(f"acol {verb}: Ray's logs go to {path} (and Ray's session folder); -v shows them here")
+    _LOG["path"] = quiet_logs(f"{base}/logs/{verb}-{stamp}-{os.getpid()}.log", verbose=_VERBOSE["on"])
+
+
+_LOG: dict[str, Any] = {"path": None}
+
+
+def _logs_note(verb: str) -> None:
+    """After a run: where Ray's and Prefect's logs went (errors name it in their one line instead)."""
+    from acol_core.console import print_err
+
+    if _LOG["path"] is not None:
+        print_err(
+            f"acol {verb}: Ray's logs are in {_LOG['path']} (workers': Ray's session folder); -v shows them"
+        )
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -89,6 +100,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _fail(verb: str, exc: BaseException, code: int) -> NoReturn:
     # Messages quoting files (YAML errors, Ray reports) span lines: the contract is one line.
     message = " ".join(str(exc).split()) or type(exc).__name__
+    if code == 1 and _LOG["path"] is not None:
+        message += f" (Ray's logs: {_LOG['path']})"
     ray = sys.modules.get("ray")
     if ray is not None and getattr(ray, "is_initialized", lambda: False)():
         # Worker output Ray forwarded to stderr (progress bars) may have left the last line open.
@@ -265,6 +278,7 @@ def train(
         "class_balance": result.class_balance,
     }
     typer.echo(json.dumps(summary, indent=2))
+    _logs_note("train")
 
 
 @app.command(
@@ -302,6 +316,7 @@ def tune(
         seed=seed,
     )
     typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    _logs_note("tune")
 
 
 @app.command(
@@ -360,6 +375,7 @@ def localize(
             gate=gate,
         )
     typer.echo(json.dumps(result.to_dict(), indent=2))
+    _logs_note("localize")
 
 
 @app.command(
@@ -456,6 +472,7 @@ def study(
         only=[label for label in (only or "").split(",") if label],
     )  # fmt: skip
     typer.echo(results_markdown(results))
+    _logs_note("study")
     typer.echo(f"results: {results['results_uri']}", err=True)
 
 

@@ -477,7 +477,7 @@ def test_cli_localize_on_s3_with_nifti_out(
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["rows"] == SHAPE[2] - 1 and summary["nifti_files"] == 2
-    assert "localize [" in result.stderr
+    assert "localize (rows): " in result.stderr and "Ray's logs are in" in result.stderr
     table = _check_predictions(out, data)
     assert [n for n in storage.list_dir(out) if n.startswith("_tmp-")] == []
     plain = localize_plain(model_uri, local_data, "test")

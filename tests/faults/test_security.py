@@ -57,6 +57,11 @@ def _shipped_files() -> list[Path]:
 # --------------------------------------------------------------------------- bind addresses
 
 
+# The one exception: inside Kubernetes the RayJob's head must answer KubeRay's submitter pod through the
+# head service (cluster-internal), so its dashboard listens on the pod's interfaces, with token auth.
+_KUBERNETES_POD = {"cluster/rayjob.yaml", "cluster/README.md"}
+
+
 def test_nothing_we_ship_binds_all_interfaces() -> None:
     files = _shipped_files()
     assert len(files) > 30
@@ -65,6 +70,7 @@ def test_nothing_we_ship_binds_all_interfaces() -> None:
         for p in files
         for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
         if re.search(r"0\.0\.0\.0|\[::\]|host\s*[=:]\s*[\"']?::[\"']?\b", line)
+        and str(p.relative_to(REPO)) not in _KUBERNETES_POD
     ]
     assert not hits, hits
 
@@ -80,9 +86,18 @@ def test_every_ray_head_we_start_keeps_its_dashboard_on_loopback() -> None:
         "cluster/README.md",
         "cluster/ray-cluster-aws.yaml",
     }
+    # The RayJob's head is the Kubernetes exception (see _KUBERNETES_POD): reachable inside the cluster,
+    # so every container there, the submitter's too, must run with token authentication.
     rayjob = yaml.safe_load((REPO / "cluster" / "rayjob.yaml").read_text())
-    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
-    assert head["dashboard-host"] == "127.0.0.1"
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] in ("127.0.0.1", "0.0.0.0")
+    templates = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
+    templates.append(rayjob["spec"]["submitterPodTemplate"])
+    for template in templates:
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], container["name"]
 
 
 def test_in_process_ray_and_prefect_servers_default_to_loopback() -> None:
