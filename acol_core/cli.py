@@ -18,6 +18,7 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 
+from acol_core.config import parse_key_values
 from acol_core.errors import exit_code
 
 __all__ = ["app", "main"]
@@ -110,19 +111,6 @@ def clear_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values parsed as YAML scalars (numbers, booleans, strings)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected key=value, got {pair!r}")
-        out[key.replace("-", "_")] = yaml.safe_load(value)
-    return out
-
-
 @app.command(
     epilog="Examples: acol prepare --source phantom --output runs/data --option num_subjects=20\n\n"
     "acol prepare --source nifti --input site-b/ --output runs/site-b --split test   # external cohort"
@@ -171,7 +159,7 @@ def prepare(
             rows_per_shard=rows_per_shard,
             progress=progress,
             split=split,
-            **_parse_options(option),
+            **parse_key_values(option),
         )
     summary = {"output": output, "accepted": manifest.accepted, "rejected": manifest.rejected}
     typer.echo(json.dumps({**summary, "split_counts": manifest.split_counts}))

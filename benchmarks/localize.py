@@ -56,7 +56,8 @@ def run(
     import ray
     import torch
 
-    from acol_core.jobs.localize_job import localize_plain, run_localize
+    from acol_core.batch_localize import localize_plain
+    from acol_core.jobs.localize_job import run_localize
 
     # The plain loop runs at this process's torch threads; one actor gets as many, two share them.
     threads = threads or torch.get_num_threads()

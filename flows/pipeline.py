@@ -148,7 +148,7 @@ def check_sweep(sweep: dict[str, Any] | None, labels: list[str]) -> dict[str, An
     unknown = set(sweep) - _SWEEP_KEYS
     if unknown:
         raise ValueError(f"sweep: unknown key(s) {', '.join(sorted(unknown))}")
-    from acol_core.jobs.sweep import load_space, parse_space
+    from acol_core.sweep.space import load_space, parse_space
 
     space = sweep.get("space")
     if isinstance(space, dict):

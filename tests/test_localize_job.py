@@ -50,14 +50,8 @@ from acol_core.train import fit, iterate_minibatches, select_device
 
 ray = pytest.importorskip("ray")
 
-from acol_core.jobs.localize_job import (  # noqa: E402
-    INPUT_COLUMNS,
-    Localizer,
-    localize_plain,
-    localize_rows,
-    parse_splits,
-    run_localize,
-)
+from acol_core.batch_localize import INPUT_COLUMNS, Localizer, localize_plain, localize_rows, parse_splits  # noqa: E402
+from acol_core.jobs.localize_job import run_localize  # noqa: E402
 
 RUN_TIMEOUT_S = 120.0
 # 32 rows in 4 shards: test 8 rows (3 tumour), val 8 (fullsup), train 16.
