@@ -269,14 +269,13 @@ def tune(
     seed: int = typer.Option(0, help="Optuna sampler seed"),
 ) -> None:
     """Sweep with Ray Tune (Optuna + ASHA), one Ray Train run per trial; prints the best config as JSON."""
-    from acol_core.jobs.sweep import run_sweep
+    from acol_core.jobs.sweep import SweepOptions, run_sweep
 
     _quiet("tune", storage)
-    result = run_sweep(
-        space,
-        data,
-        trials,
-        storage,
+    options = SweepOptions(
+        data=data,
+        storage=storage,
+        trials=trials,
         name=name,
         workers_per_trial=workers_per_trial,
         cpus_per_worker=cpus_per_worker,
@@ -284,6 +283,7 @@ def tune(
         max_concurrent_trials=max_concurrent_trials,
         seed=seed,
     )
+    result = run_sweep(space, options)
     typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
 
 
@@ -321,14 +321,14 @@ def localize(
     to OUTPUT, committed by _SUCCESS.json last; a rerun replaces the folder.
     """
     from acol_core.console import RowProgress
-    from acol_core.jobs.localize_job import run_localize
+    from acol_core.jobs.localize_job import LocalizeOptions, run_localize
 
     _quiet("localize", output)
     with RowProgress("localize (rows)") as progress:
-        result = run_localize(
-            model,
-            data,
-            output,
+        options = LocalizeOptions(
+            model=model,
+            data=data,
+            output=output,
             split=split,
             threshold=threshold,
             actors=actors,
@@ -342,6 +342,7 @@ def localize(
             progress=progress,
             gate=gate,
         )
+        result = run_localize(options)
     typer.echo(json.dumps(result.to_dict(), indent=2))
 
 

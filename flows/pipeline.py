@@ -236,7 +236,7 @@ def sweep_task(
 ) -> dict[str, Any]:
     """``acol tune`` into ``<run>/sweep/<name>``; returns its summary, with the best model's copy as
     ``model_uri`` (None when no trial produced a model)."""
-    from acol_core.jobs.sweep import run_sweep
+    from acol_core.jobs.sweep import SweepOptions, run_sweep
     from acol_core.storage import write_bytes
 
     space = sweep["space"]
@@ -247,10 +247,16 @@ def sweep_task(
         write_bytes(space_file, yaml.safe_dump(space, sort_keys=False).encode())
         space = space_file
     started = time.perf_counter()
-    result = run_sweep(
-        space, data_uri, sweep["trials"], join(run_uri, "sweep"), name=sweep["name"],
-        max_concurrent_trials=sweep["max_concurrent_trials"], seed=seed, gpus_per_worker=gpus_per_worker,
-    )  # fmt: skip
+    options = SweepOptions(
+        data=data_uri,
+        storage=join(run_uri, "sweep"),
+        trials=sweep["trials"],
+        name=sweep["name"],
+        max_concurrent_trials=sweep["max_concurrent_trials"],
+        seed=seed,
+        gpus_per_worker=gpus_per_worker,
+    )
+    result = run_sweep(space, options)
     summary = result.to_dict()
     summary["seconds"] = round(time.perf_counter() - started, 1)
     best_model = result.best_model_uri
@@ -269,10 +275,10 @@ def sweep_task(
 @task(name="localize", task_run_name="localize-{label}", **_TASK)
 def localize_task(run_uri: str, data_uri: str, label: str, model: str) -> str:
     """Ray Data batch inference of one model over the val and test rows into ``<run>/predictions/<label>``."""
-    from acol_core.jobs.localize_job import run_localize
+    from acol_core.jobs.localize_job import LocalizeOptions, run_localize
 
     output = predictions_uri(run_uri, label)
-    result = run_localize(model, data_uri, output, split="val,test")
+    result = run_localize(LocalizeOptions(model, data_uri, output, split="val,test"))
     get_run_logger().info("localized %s: %d rows in %.0f s", label, result.info.num_rows, result.seconds)
     return output
 

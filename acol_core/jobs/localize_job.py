@@ -47,6 +47,7 @@ from acol_core.predictions import (
 __all__ = [
     "ACTOR_RESTARTS",
     "LocalizeError",
+    "LocalizeOptions",
     "LocalizeResult",
     "run_localize",
 ]
@@ -241,26 +242,16 @@ def _build(
     )
 
 
-def run_localize(
-    model_uri: str,
-    data_uri: str,
-    output_uri: str,
-    split: str | Sequence[str] = "test",
-    threshold: float | None = None,
-    actors: int = 1,
-    batch_size: int = 32,
-    gpus_per_actor: float | None = None,
-    cpus_per_actor: float = 0.5,
-    threads_per_actor: int | None = None,
-    gt_maps: bool = True,
-    nifti_out: str | None = None,
-    nifti_orientation: str = "original",
-    progress: Callable[[int, int], None] | None = None,
-    gate: str = "none",
-) -> LocalizeResult:
-    """Localize every row of the split(s) with a Ray Data actor pool; commit the predictions folder.
+@dataclass
+class LocalizeOptions:
+    """What to localize, where the predictions go, and how the actor pool runs.
 
     Args:
+        model: the ``.safetensors`` export (path or s3://).
+        data: dataset URI written by ``acol prepare``.
+        output: predictions folder to (re)write (path or s3://).
+        split: ``test``, ``val,test`` or ``all``.
+        threshold: CAM threshold; None: the export's, else 0.5.
         actors: actor pool size (each holds one model copy).
         gpus_per_actor: None: 1 when the Ray cluster has GPUs, else 0.
         cpus_per_actor: fractional by default: Ray Data's read and write tasks need CPUs too (on a
@@ -274,16 +265,38 @@ def run_localize(
             renormalise (``acol_core.gating``); rows without a mask keep their maps, and the result
             (and the predictions' ``extra``) counts them as ``ungated_rows``, with a warning.
     """
+
+    model: str
+    data: str
+    output: str
+    split: str | Sequence[str] = "test"
+    threshold: float | None = None
+    actors: int = 1
+    batch_size: int = 32
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 0.5
+    threads_per_actor: int | None = None
+    gt_maps: bool = True
+    nifti_out: str | None = None
+    nifti_orientation: str = "original"
+    progress: Callable[[int, int], None] | None = None
+    gate: str = "none"
+
+
+def run_localize(options: LocalizeOptions) -> LocalizeResult:
+    """Localize every row of the split(s) with a Ray Data actor pool; commit the predictions folder."""
     import ray.data
     import ray.exceptions
 
     from acol_core.jobs import ray_init
 
     started = time.perf_counter()
-    bad_threads = threads_per_actor is not None and threads_per_actor < 1
-    if actors < 1 or batch_size < 1 or cpus_per_actor <= 0 or bad_threads:
+    bad_threads = options.threads_per_actor is not None and options.threads_per_actor < 1
+    if options.actors < 1 or options.batch_size < 1 or options.cpus_per_actor <= 0 or bad_threads:
         raise ValueError("actors, batch_size and threads_per_actor must be >= 1 and cpus_per_actor > 0")
-    checked = _check(model_uri, data_uri, output_uri, split, threshold, gate)
+    checked = _check(
+        options.model, options.data, options.output, options.split, options.threshold, options.gate
+    )
     if checked.gate != "none" and checked.ungated_rows:
         logging.getLogger(__name__).warning(
             "gate %s: %d of %d rows have no anatomy mask; their maps are not gated",
@@ -291,31 +304,41 @@ def run_localize(
             checked.ungated_rows,
             checked.rows,
         )
-    plan = volume_plan(data_uri, checked.splits, nifti_orientation) if nifti_out else None
+    plan = volume_plan(options.data, checked.splits, options.nifti_orientation) if options.nifti_out else None
     ray_init()
-    gpus = _gpus_per_actor(gpus_per_actor)
-    threads = _threads_per_actor(threads_per_actor, actors, gpus)
-    staging = staging_uri(output_uri)
+    gpus = _gpus_per_actor(options.gpus_per_actor)
+    threads = _threads_per_actor(options.threads_per_actor, options.actors, gpus)
+    staging = staging_uri(options.output)
     fs, staging_path = storage.resolve(staging)
     context = ray.data.DataContext.get_current()
     bars, data_logger = context.enable_progress_bars, logging.getLogger("ray.data")
     level = data_logger.level
     stop = threading.Event()
     watcher = None
-    if progress is not None:
+    if options.progress is not None:
         # One progress line (ours), not Ray Data's bars and execution log lines as well.
         context.enable_progress_bars = False
         data_logger.setLevel(logging.WARNING)
-        watcher = threading.Thread(target=_watch, args=(staging, checked.rows, progress, stop), daemon=True)
+        watcher = threading.Thread(
+            target=_watch, args=(staging, checked.rows, options.progress, stop), daemon=True
+        )
         watcher.start()
     try:
-        ds = _build(checked, actors, batch_size, gpus, cpus_per_actor, threads, gt_maps)
+        ds = _build(
+            checked,
+            options.actors,
+            options.batch_size,
+            gpus,
+            options.cpus_per_actor,
+            threads,
+            options.gt_maps,
+        )
         ds.write_parquet(staging_path, filesystem=fs)
     except BaseException as exc:
         storage.delete(staging)
         if isinstance(exc, ray.exceptions.RayError):
             raise LocalizeError(
-                f"localizing {data_uri} failed: {one_line(exc)} (nothing was committed to {output_uri})"
+                f"localizing {options.data} failed: {one_line(exc)} (nothing was committed to {options.output})"
             ) from exc
         raise
     finally:
@@ -326,10 +349,10 @@ def run_localize(
         data_logger.setLevel(level)
     info = commit_predictions(
         staging,
-        output_uri,
+        options.output,
         model=checked.info.config.model,
         checkpoint=checked.checksum,
-        data=storage.absolute(data_uri),
+        data=storage.absolute(options.data),
         splits=checked.splits,
         threshold=checked.threshold,
         class_names=checked.class_names,
@@ -337,17 +360,19 @@ def run_localize(
         extra={
             "model_uri": checked.model_uri,
             "config": checked.info.config.to_dict(),
-            "gt_maps": gt_maps,
-            "actors": actors,
+            "gt_maps": options.gt_maps,
+            "actors": options.actors,
             "threads_per_actor": threads,
             "gate": checked.gate,
             "ungated_rows": checked.ungated_rows,
         },
     )
-    if progress is not None:
-        progress(info.num_rows, checked.rows)
+    if options.progress is not None:
+        options.progress(info.num_rows, checked.rows)
     files = (
-        predictions_to_nifti(output_uri, data_uri, nifti_out, nifti_orientation, plan) if nifti_out else []
+        predictions_to_nifti(options.output, options.data, options.nifti_out, options.nifti_orientation, plan)
+        if options.nifti_out
+        else []
     )
     seconds = time.perf_counter() - started
-    return LocalizeResult(output_uri, info, seconds, files, checked.gate, checked.ungated_rows)
+    return LocalizeResult(options.output, info, seconds, files, checked.gate, checked.ungated_rows)

@@ -47,7 +47,36 @@ from acol_core.sweep.results import (
 )
 from acol_core.sweep.space import SweepSpace, check_trial_config, load_space
 
-__all__ = ["TrialReporter", "run_sweep"]
+__all__ = ["SweepOptions", "TrialReporter", "run_sweep"]
+
+
+@dataclass
+class SweepOptions:
+    """Where and how a sweep runs (the search space is its own file).
+
+    Args:
+        data: dataset URI (train and val rows, fullsup val rows for the objective).
+        storage: where sweeps go; the sweep is ``<storage>/<name>`` (the same storage + name resumes).
+        trials: number of trials (a resumed sweep keeps the number it started with).
+        max_concurrent_trials: None: as many as the cluster holds, one CPU left for Ray Data.
+        max_failures: restarts of a trial's Ray Train worker group after a worker dies.
+        seed: the Optuna sampler's seed.
+        time_budget_s: stop starting trials after this long (None: no limit).
+        evaluate_test: score the best trial's model once on the test split.
+    """
+
+    data: str
+    storage: str
+    trials: int
+    name: str = "acol-sweep"
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    max_concurrent_trials: int | None = None
+    max_failures: int = 1
+    seed: int = 0
+    time_budget_s: float | None = None
+    evaluate_test: bool = True
 
 
 @dataclass(frozen=True)
@@ -202,30 +231,9 @@ def _check_data(data_uri: str) -> None:
         )
 
 
-def run_sweep(
-    space_file: str,
-    data_uri: str,
-    trials: int,
-    storage_uri: str,
-    name: str = "acol-sweep",
-    workers_per_trial: int = 1,
-    cpus_per_worker: float = 0.5,
-    gpus_per_worker: float = 0.0,
-    max_concurrent_trials: int | None = None,
-    max_failures: int = 1,
-    seed: int = 0,
-    time_budget_s: float | None = None,
-    evaluate_test: bool = True,
-) -> SweepResult:
-    """Run (or resume: same storage + name) a sweep; writes the outputs and returns where they are.
-
-    Args:
-        space_file: search-space YAML (see the module docstring).
-        trials: number of trials (a resumed sweep keeps the number it started with).
-        max_concurrent_trials: None: as many as the cluster holds, one CPU left for Ray Data.
-        max_failures: restarts of a trial's Ray Train worker group after a worker dies.
-        evaluate_test: score the best trial's model once on the test split.
-    """
+def run_sweep(space_file: str, options: SweepOptions) -> SweepResult:
+    """Run (or resume: same storage + name) a sweep of ``space_file`` (a search-space YAML, see
+    ``acol_core.sweep.space``); writes the outputs and returns where they are."""
     import ray.tune
     from optuna.samplers import TPESampler
     from ray.tune.schedulers import ASHAScheduler
@@ -235,28 +243,28 @@ def run_sweep(
     from acol_core.jobs.train_run import check_run_name
     from acol_core.storage import absolute, check_reachable, join, resolve
 
-    check_run_name(name, "sweep")
+    check_run_name(options.name, "sweep")
     space = load_space(space_file)
-    if trials < 1:
-        raise ConfigError(f"trials must be >= 1, got {trials}")
-    if workers_per_trial < 1 or cpus_per_worker <= 0 or gpus_per_worker < 0:
+    if options.trials < 1:
+        raise ConfigError(f"trials must be >= 1, got {options.trials}")
+    if options.workers_per_trial < 1 or options.cpus_per_worker <= 0 or options.gpus_per_worker < 0:
         raise ConfigError("workers_per_trial must be >= 1, cpus_per_worker > 0 and gpus_per_worker >= 0")
-    data_uri, storage_uri = absolute(data_uri), absolute(storage_uri)
+    data_uri, storage_uri = absolute(options.data), absolute(options.storage)
     _check_data(data_uri)
     check_reachable(storage_uri)
     ray_init(dashboard=True)
     reroute_logs()  # Optuna and Tune add their terminal handlers on import
-    sweep_uri = join(storage_uri, name)
+    sweep_uri = join(storage_uri, options.name)
     settings = _TrialSettings(
-        sweep=name,
+        sweep=options.name,
         sweep_uri=sweep_uri,
         storage_uri=storage_uri,
         data=data_uri,
         space=space,
-        workers=workers_per_trial,
-        cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=gpus_per_worker,
-        max_failures=max_failures,
+        workers=options.workers_per_trial,
+        cpus_per_worker=options.cpus_per_worker,
+        gpus_per_worker=options.gpus_per_worker,
+        max_failures=options.max_failures,
     )
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_sweep_trial, settings=settings),
@@ -269,8 +277,8 @@ def run_sweep(
     if ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
         tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, storage_filesystem=fs)
     else:
-        concurrency = max_concurrent_trials or _default_concurrency(
-            workers_per_trial, cpus_per_worker, gpus_per_worker
+        concurrency = options.max_concurrent_trials or _default_concurrency(
+            options.workers_per_trial, options.cpus_per_worker, options.gpus_per_worker
         )
         tuner = ray.tune.Tuner(
             trainable,
@@ -278,7 +286,10 @@ def run_sweep(
                 metric=space.metric,
                 mode=space.mode,
                 search_alg=OptunaSearch(
-                    space=space.sample, metric=space.metric, mode=space.mode, sampler=TPESampler(seed=seed)
+                    space=space.sample,
+                    metric=space.metric,
+                    mode=space.mode,
+                    sampler=TPESampler(seed=options.seed),
                 ),
                 scheduler=ASHAScheduler(
                     time_attr="training_iteration",
@@ -286,14 +297,14 @@ def run_sweep(
                     grace_period=min(space.grace_period, space.max_epochs()),
                     reduction_factor=space.reduction_factor,
                 ),
-                num_samples=trials,
+                num_samples=options.trials,
                 max_concurrent_trials=concurrency,
-                time_budget_s=time_budget_s,
+                time_budget_s=options.time_budget_s,
                 trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name,
             ),
             run_config=ray.tune.RunConfig(
-                name=name,
+                name=options.name,
                 storage_path=parent_path,
                 storage_filesystem=fs,
                 # Quiet: one line per trial event (below) instead of Tune's status tables.
@@ -303,7 +314,7 @@ def run_sweep(
         )
     grid = tuner.fit()
     rows = sweep_table(grid, space, sweep_uri, storage_uri)
-    return write_sweep_outputs(rows, space, sweep_uri, data_uri, evaluate_test=evaluate_test)
+    return write_sweep_outputs(rows, space, sweep_uri, data_uri, evaluate_test=options.evaluate_test)
 
 
 class _TrialLines(ray.tune.Callback):

@@ -35,7 +35,7 @@ ray = pytest.importorskip("ray")
 from faultkit import ACOL, readable_forms  # noqa: E402
 
 from acol_core.batch_localize import localize_plain  # noqa: E402
-from acol_core.jobs.localize_job import ACTOR_RESTARTS, LocalizeError, run_localize  # noqa: E402
+from acol_core.jobs.localize_job import ACTOR_RESTARTS, LocalizeError, LocalizeOptions, run_localize  # noqa: E402
 from acol_core.jobs.train_run import RunOptions, TrainingError, read_checkpoint_epochs, run_training  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -89,7 +89,9 @@ def killed_actor_run(
     out = f"{s3_server}/ray-faults/pred"
     fault = _fault(tmp_path_factory.mktemp("killed-actor"), image_ids[20], times=1)
     with injected_fault("localize", fault):
-        result = _with_timeout(lambda: run_localize(model_uri, s3_data, out, actors=2, batch_size=4))
+        result = _with_timeout(
+            lambda: run_localize(LocalizeOptions(model_uri, s3_data, out, actors=2, batch_size=4))
+        )
     return result, out, fault
 
 
@@ -116,7 +118,7 @@ def test_batch_that_kills_every_actor_fails_clearly_and_commits_nothing(
     out = f"{s3_server}/ray-faults/pred-poisoned"
     fault = _fault(tmp_path, image_ids[5], times=100)  # every actor that gets row 5 dies
     with injected_fault("localize", fault), pytest.raises(LocalizeError) as err:
-        _with_timeout(lambda: run_localize(model_uri, s3_data, out, actors=2, batch_size=4))
+        _with_timeout(lambda: run_localize(LocalizeOptions(model_uri, s3_data, out, actors=2, batch_size=4)))
     message = str(err.value)
     assert "\n" not in message and "ActorDiedError" in message and "nothing was committed" in message, message
     # The batch was retried, but not forever (Ray Data's default: the job would hang, not fail).
