@@ -39,6 +39,7 @@ __all__ = [
     "localize_rows",
     "model_threshold",
     "parse_splits",
+    "ungated_rows",
 ]
 
 DEFAULT_THRESHOLD = 0.5
@@ -58,6 +59,14 @@ def parse_splits(split: str | Sequence[str]) -> list[str]:
             f"split must be one or more of {', '.join(SPLITS)} (comma-separated) or 'all', got {split!r}"
         )
     return sorted(set(names), key=SPLITS.index)
+
+
+def ungated_rows(dataset: Any, splits: Sequence[str], gate: str) -> int:
+    """Rows of the splits that ``gate`` leaves as they are (``anatomy``: no anatomy mask); ``dataset``
+    is an ``acol_core.data.shards`` dataset."""
+    if gate == "none":
+        return 0
+    return sum(dataset.read_table(split=s, columns=["anatomy_mask"]).column(0).null_count for s in splits)
 
 
 def model_threshold(info: ExportedInfo, threshold: float | None = None) -> float:

@@ -27,10 +27,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
 from acol_core import storage
-from acol_core.batch_localize import GATE_COLUMNS, INPUT_COLUMNS, Localizer, model_threshold, parse_splits
+from acol_core.batch_localize import (
+    GATE_COLUMNS,
+    INPUT_COLUMNS,
+    Localizer,
+    model_threshold,
+    parse_splits,
+    ungated_rows,
+)
 from acol_core.errors import RunFailure, one_line
 from acol_core.export import ExportedInfo, read_export_info
 from acol_core.faults import fault_env
@@ -42,6 +47,7 @@ from acol_core.predictions import (
     predictions_to_nifti,
     staging_uri,
     volume_plan,
+    watch_staged_rows,
 )
 
 __all__ = [
@@ -104,13 +110,6 @@ class _Checked:
     ungated_rows: int = 0
 
 
-def _ungated_rows(dataset: Any, splits: Sequence[str], gate: str) -> int:
-    """Rows of the splits that ``gate`` leaves as they are (``anatomy``: no anatomy mask)."""
-    if gate == "none":
-        return 0
-    return sum(dataset.read_table(split=s, columns=["anatomy_mask"]).column(0).null_count for s in splits)
-
-
 def _check(
     model_uri: str,
     data_uri: str,
@@ -143,32 +142,8 @@ def _check(
         filesystem=dataset.filesystem,
         class_names=list(info.class_names),
         gate=gate,
-        ungated_rows=_ungated_rows(dataset, splits, gate),
+        ungated_rows=ungated_rows(dataset, splits, gate),
     )
-
-
-def _watch(staging: str, total: int, progress: Callable[[int, int], None], stop: threading.Event) -> None:
-    """Report rows in files the writers have finished (their Parquet footers), every half second."""
-    import pyarrow.parquet as pq
-
-    fs, path = storage.resolve(staging)
-    counted: dict[str, int] = {}
-    reported = -1
-    while not stop.wait(0.5):
-        try:
-            names = storage.list_dir(staging)
-        except (OSError, storage.StorageError):
-            continue
-        for name in names:
-            if name.endswith(".parquet") and name not in counted:
-                try:
-                    counted[name] = pq.read_metadata(f"{path}/{name}", filesystem=fs).num_rows
-                except (OSError, pa.ArrowInvalid):
-                    pass  # still being written
-        done = min(sum(counted.values()), total)
-        if done != reported:
-            progress(done, total)
-            reported = done
 
 
 def _gpus_per_actor(requested: float | None) -> float:
@@ -320,7 +295,7 @@ def run_localize(options: LocalizeOptions) -> LocalizeResult:
         context.enable_progress_bars = False
         data_logger.setLevel(logging.WARNING)
         watcher = threading.Thread(
-            target=_watch, args=(staging, checked.rows, options.progress, stop), daemon=True
+            target=watch_staged_rows, args=(staging, checked.rows, options.progress, stop), daemon=True
         )
         watcher.start()
     try:
