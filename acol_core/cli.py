@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 
+from acol_core.config import parse_key_values
 from acol_core.errors import exit_code
 
 __all__ = ["app", "main"]
@@ -126,19 +127,6 @@ def clear_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values parsed as YAML scalars (numbers, booleans, strings)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected key=value, got {pair!r}")
-        out[key.replace("-", "_")] = yaml.safe_load(value)
-    return out
-
-
 @app.command(
     epilog="Examples: acol prepare --source phantom --output runs/data --option num_subjects=20\n\n"
     "acol prepare --source nifti --input site-b/ --output runs/site-b --split test   # external cohort"
@@ -187,7 +175,7 @@ def prepare(
             rows_per_shard=rows_per_shard,
             progress=progress,
             split=split,
-            **_parse_options(option),
+            **parse_key_values(option),
         )
     summary = {"output": output, "accepted": manifest.accepted, "rejected": manifest.rejected}
     typer.echo(json.dumps({**summary, "split_counts": manifest.split_counts}))
@@ -300,14 +288,13 @@ def tune(
     seed: int = typer.Option(0, help="Optuna sampler seed"),
 ) -> None:
     """Sweep with Ray Tune (Optuna + ASHA), one Ray Train run per trial; prints the best config as JSON."""
-    from acol_core.jobs.sweep import run_sweep
+    from acol_core.jobs.sweep import SweepOptions, run_sweep
 
     _quiet("tune")
-    result = run_sweep(
-        space,
-        data,
-        trials,
-        storage,
+    options = SweepOptions(
+        data=data,
+        storage=storage,
+        trials=trials,
         name=name,
         workers_per_trial=workers_per_trial,
         cpus_per_worker=cpus_per_worker,
@@ -315,6 +302,7 @@ def tune(
         max_concurrent_trials=max_concurrent_trials,
         seed=seed,
     )
+    result = run_sweep(space, options)
     typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
     _logs_note("tune")
 
@@ -353,14 +341,14 @@ def localize(
     to OUTPUT, committed by _SUCCESS.json last; a rerun replaces the folder.
     """
     from acol_core.console import RowProgress
-    from acol_core.jobs.localize_job import run_localize
+    from acol_core.jobs.localize_job import LocalizeOptions, run_localize
 
     _quiet("localize")
     with RowProgress("localize (rows)") as progress:
-        result = run_localize(
-            model,
-            data,
-            output,
+        options = LocalizeOptions(
+            model=model,
+            data=data,
+            output=output,
             split=split,
             threshold=threshold,
             actors=actors,
@@ -374,6 +362,7 @@ def localize(
             progress=progress,
             gate=gate,
         )
+        result = run_localize(options)
     typer.echo(json.dumps(result.to_dict(), indent=2))
     _logs_note("localize")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from acol_core.errors import UserError
 
-__all__ = ["CLASS_BALANCE_MODES", "ConfigError", "TrainConfig", "load_config_file"]
+__all__ = ["CLASS_BALANCE_MODES", "ConfigError", "TrainConfig", "load_config_file", "parse_key_values"]
 
 CLASS_BALANCE_MODES = ("auto", "weights", "sampler", "none")
 
@@ -173,3 +173,25 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+def parse_key_values(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` options (the CLI's ``--option``, the flows' ``-o``) as a dict: values are YAML
+    scalars or flow collections, keys have ``-`` as ``_``.
+
+    Examples:
+        >>> parse_key_values(["num-subjects=8", "size=64", "modalities=[t1c, flair]", "name=x"])
+        {'num_subjects': 8, 'size': 64, 'modalities': ['t1c', 'flair'], 'name': 'x'}
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected key=value, got {pair!r}")
+        try:
+            out[key.replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: cannot read {value!r}: {str(exc).splitlines()[0]}") from None
+    return out

@@ -55,7 +55,7 @@ def one_line(exc: BaseException, limit: int = 400) -> str:
     ``…Error: …`` / ``…Exception: …`` line is the cause a user needs.
     """
     prefix = ""
-    failures = sorted(getattr(exc, "worker_failures", None) or {}.items())
+    failures = sorted((getattr(exc, "worker_failures", None) or {}).items())
     controller = getattr(exc, "controller_failure", None)
     if failures:
         where, exc = failures[0]

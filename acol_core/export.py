@@ -27,6 +27,7 @@ from acol_core.errors import UserError
 
 __all__ = [
     "EXPORT_FORMAT",
+    "MODEL_FILE",
     "ExportError",
     "ExportedInfo",
     "export_bytes",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 EXPORT_FORMAT = "acol-flow/model/v1"
+MODEL_FILE = "model.safetensors"  # the export's name inside a training checkpoint and a study cell
 _KEY = "acol_flow"
 
 

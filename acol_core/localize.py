@@ -136,12 +136,13 @@ def cam_to_mask(cam: Any, threshold: float) -> np.ndarray:
         return (as_numpy(cam).astype(np.float64) >= float(threshold)).astype(np.uint8)
 
 
-def mask_to_boxes(mask: Any, multi_contour: bool = True) -> list[list[int]]:
+def mask_to_boxes(mask: Any, multi_contour: bool = True, order: str = "size") -> list[list[int]]:
     """Inclusive ``[x0, y0, x1, y1]`` boxes of the 8-connected components of a H×W mask.
 
-    Any non-zero pixel is foreground. Boxes are sorted by component size (pixels), largest first;
-    ties keep raster order. With ``multi_contour=False`` only the largest component's box is
-    returned. An empty mask gives ``[]``.
+    Any non-zero pixel is foreground. With ``order="size"`` boxes are sorted by component size
+    (pixels), largest first, ties in raster order; with ``order="raster"`` they come in raster order of
+    each component's first pixel (the order datasets store GT boxes in). With ``multi_contour=False``
+    only the first box (the largest, by default) is returned. An empty mask gives ``[]``.
 
     Examples:
         >>> m = np.zeros((4, 6), np.uint8); m[0, 0] = 1; m[1:3, 3:6] = 1
@@ -150,19 +151,24 @@ def mask_to_boxes(mask: Any, multi_contour: bool = True) -> list[list[int]]:
         >>> mask_to_boxes(m, multi_contour=False)
         [[3, 1, 5, 2]]
     """
+    if order not in ("size", "raster"):
+        raise ValueError(f"order must be size or raster, got {order!r}")
     m = as_numpy(mask)
     if m.ndim != 2:
         raise ValueError(f"mask must be H×W, got shape {m.shape}")
     labels, count = ndimage.label(m != 0, structure=_EIGHT_CONNECTED)
     if count == 0:
         return []
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    order = np.argsort(-sizes, kind="stable")
+    if order == "size":
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+        ranked = np.argsort(-sizes, kind="stable")
+    else:
+        ranked = np.arange(count)
     if not multi_contour:
-        order = order[:1]
+        ranked = ranked[:1]
     slices = ndimage.find_objects(labels, max_label=count)
     boxes = []
-    for k in order:
+    for k in ranked:
         rows, cols = slices[k]
         boxes.append([int(cols.start), int(rows.start), int(cols.stop - 1), int(rows.stop - 1)])
     return boxes
@@ -223,12 +229,13 @@ def check_protocol(protocol: str) -> None:
         raise ValueError(f"unknown box protocol {protocol!r}: choose one of {', '.join(BOX_PROTOCOLS)}")
 
 
-def boxes_from_mask(mask: Any) -> list[list[int]]:
-    """Ground-truth boxes: one per 8-connected component of the object pixels (``mask == 1``).
+def boxes_from_mask(mask: Any, order: str = "size") -> list[list[int]]:
+    """Ground-truth boxes: one per 8-connected component of the object pixels (``mask == 1``), inclusive
+    ``[x0, y0, x1, y1]``, in ``order`` (see ``mask_to_boxes``; sources store them in raster order).
 
     Background (0) and ignore (255) pixels are not object, following the dataset's mask contract.
     """
-    return mask_to_boxes(as_numpy(mask) == 1, multi_contour=True)
+    return mask_to_boxes(as_numpy(mask) == 1, multi_contour=True, order=order)
 
 
 def localize(score_map: Any, threshold: float, image_size: tuple[int, int] | None = None) -> dict[str, Any]:

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ from acol_core.data.codec import decode_png, encode_png
 from acol_core.errors import UserError
 
 __all__ = [
+    "watch_staged_rows",
     "PREDICTIONS_FORMAT",
     "PREDICTION_SCHEMA",
     "SUCCESS_NAME",
@@ -405,3 +407,28 @@ def predictions_to_nifti(
             storage.write_bytes(uri, gzip.compress(image.to_bytes(), compresslevel=6))
             written.append(uri)
     return written
+
+
+def watch_staged_rows(
+    staging: str, total: int, progress: Callable[[int, int], None], stop: threading.Event
+) -> None:
+    """Report ``progress(rows, total)`` from the files writers finished in ``staging`` (their Parquet
+    footers), every half second until ``stop`` is set: a progress line for a Ray Data write."""
+    fs, path = storage.resolve(staging)
+    counted: dict[str, int] = {}
+    reported = -1
+    while not stop.wait(0.5):
+        try:
+            names = storage.list_dir(staging)
+        except (OSError, storage.StorageError):
+            continue
+        for name in names:
+            if name.endswith(".parquet") and name not in counted:
+                try:
+                    counted[name] = pq.read_metadata(f"{path}/{name}", filesystem=fs).num_rows
+                except (OSError, pa.ArrowInvalid):
+                    pass  # still being written
+        done = min(sum(counted.values()), total)
+        if done != reported:
+            progress(done, total)
+            reported = done

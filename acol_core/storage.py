@@ -25,6 +25,7 @@ from acol_core.errors import UserError
 
 __all__ = [
     "StorageError",
+    "absolute",
     "check_reachable",
     "delete",
     "exists",
@@ -34,6 +35,7 @@ __all__ = [
     "list_dir",
     "read_bytes",
     "resolve",
+    "uri_for_path",
     "write_bytes",
 ]
 
@@ -137,6 +139,33 @@ def resolve(uri: str, *, fail_fast: bool = False) -> tuple[pafs.FileSystem, str]
     if scheme == "s3":
         return _s3_filesystem(fail_fast), _split_s3(uri)
     raise StorageError(f"unsupported URI scheme {scheme!r} in {uri!r} (use a path, file:// or s3://)")
+
+
+def absolute(uri: str) -> str:
+    """Local paths made absolute (Ray workers and Tune trials do not share the driver's working
+    directory); other URIs as they are."""
+    return resolve(uri)[1] if is_local(uri) else uri
+
+
+def uri_for_path(storage_uri: str, path: str | None) -> str | None:
+    """A path inside ``storage_uri``'s filesystem (as Ray reports checkpoint and trial folders) back as a
+    URI under ``storage_uri``; None for no path.
+
+    Examples:
+        >>> uri_for_path("s3://bucket/runs", "bucket/runs/x/checkpoint_1")
+        's3://bucket/runs/x/checkpoint_1'
+    """
+    if not path:
+        return None
+    relative = os.path.relpath(path, _path_in_filesystem(storage_uri))
+    return storage_uri if relative == "." else join(storage_uri, *relative.split(os.sep))
+
+
+def _path_in_filesystem(uri: str) -> str:
+    scheme = _scheme(uri)
+    if scheme == "s3":
+        return _split_s3(uri)
+    return resolve(uri)[1]
 
 
 def join(uri: str, *parts: str) -> str:

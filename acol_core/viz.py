@@ -15,6 +15,8 @@ __all__ = [
     "mask_outline",
     "overlay_strip_figure",
     "save_overlay_grid",
+    "sweep_delta_figure",
+    "sweep_history_figure",
     "threshold_curves_figure",
 ]
 
@@ -157,4 +159,57 @@ def overlay_strip_figure(
         ax.set_title(title, fontsize=9)
     for ax in axes:
         ax.set_axis_off()
+    return figure
+
+
+def sweep_delta_figure(
+    rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max", default_model: str = "acol"
+) -> Any:
+    """A sweep's best objective per trial (``best_<metric>`` of its table rows) against δ, one series per
+    model; models without δ as horizontal lines at their best. ``default_model``: rows without a model."""
+    key = f"best_{metric}"
+    figure = _new_figure(6, 4)
+    axes = figure.subplots()
+    models = sorted({str(r.get("model") or default_model) for r in rows})
+    for model in models:
+        mine = [r for r in rows if str(r.get("model") or default_model) == model]
+        points = [(r["delta"], r[key]) for r in mine if r.get("delta") is not None and r.get(key) is not None]
+        if points:
+            xs, ys = zip(*sorted(points), strict=True)
+            axes.plot(xs, ys, "o-", label=model)
+        else:
+            values = [r[key] for r in mine if r.get(key) is not None]
+            if values:
+                axes.axhline(max(values) if mode == "max" else min(values), ls="--", label=f"{model} (no δ)")
+    axes.set_xlabel("δ (ACoL erase threshold)")
+    axes.set_ylabel(f"{metric} (fullsup val, best epoch)")
+    axes.set_xlim(0.25, 1.0)
+    axes.set_title("Objective vs δ per model")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend()
+    return figure
+
+
+def sweep_history_figure(rows: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> Any:
+    """Each trial's objective (best epoch) in the order the trials started, with the best so far;
+    errored trials (``status == "error"``) as red crosses."""
+    key = f"best_{metric}"
+    figure = _new_figure(6, 4)
+    axes = figure.subplots()
+    values = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+    index = np.arange(len(values))
+    axes.plot(index, values, "o", label="trial")
+    if np.isfinite(values).any():
+        fill = -np.inf if mode == "max" else np.inf
+        running = (np.fmax if mode == "max" else np.fmin).accumulate(
+            np.where(np.isfinite(values), values, fill)
+        )
+        axes.step(index, np.where(np.isfinite(running), running, np.nan), where="post", label="best so far")
+    errors = [i for i, r in enumerate(rows) if r["status"] == "error"]
+    if errors:
+        axes.plot(errors, [0.0] * len(errors), "x", color="red", label="error")
+    axes.set_xlabel("trial")
+    axes.set_ylabel(metric)
+    axes.set_title("Optimisation history")
+    axes.legend()
     return figure

@@ -56,7 +56,8 @@ def run(
     import ray
     import torch
 
-    from acol_core.jobs.localize_job import localize_plain, run_localize
+    from acol_core.batch_localize import localize_plain
+    from acol_core.jobs.localize_job import LocalizeOptions, run_localize
 
     # The plain loop runs at this process's torch threads; one actor gets as many, two share them.
     threads = threads or torch.get_num_threads()
@@ -93,7 +94,7 @@ def run(
         # Warm-up, as the plain side had: a fresh cluster's first job also starts its worker processes.
         for name, actors in (("warmup", 1), ("small", 1), ("large", 1), ("large", 2)):
             start = time.perf_counter()
-            run_localize(
+            options = LocalizeOptions(
                 model_uri,
                 data["small" if name == "warmup" else name],
                 str(workdir / f"pred_{name}{actors}"),
@@ -104,6 +105,7 @@ def run(
                 gpus_per_actor=1.0 / actors if gpu else 0.0,
                 threads_per_actor=max(1, threads // actors),
             )
+            run_localize(options)
             seconds[name, actors] = time.perf_counter() - start
     finally:
         ray.shutdown()

@@ -116,11 +116,12 @@ def _train(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def _localize(case: dict[str, Any]) -> dict[str, Any]:
-    from acol_core.jobs.localize_job import run_localize
+    from acol_core.jobs.localize_job import LocalizeOptions, run_localize
 
-    res = run_localize(
+    options = LocalizeOptions(
         case["model"], case["data"], case["out"], split="train", actors=1, batch_size=case["batch"]
     )
+    res = run_localize(options)
     return {"rows_written": res.info.num_rows}
 
 

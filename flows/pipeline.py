@@ -194,7 +194,7 @@ def check_sweep(sweep: dict[str, Any] | None, labels: list[str]) -> dict[str, An
     unknown = set(sweep) - _SWEEP_KEYS
     if unknown:
         raise ValueError(f"sweep: unknown key(s) {', '.join(sorted(unknown))}")
-    from acol_core.jobs.sweep import load_space, parse_space
+    from acol_core.sweep.space import load_space, parse_space
 
     space = sweep.get("space")
     if isinstance(space, dict):
@@ -282,7 +282,7 @@ def sweep_task(
 ) -> dict[str, Any]:
     """``acol tune`` into ``<run>/sweep/<name>``; returns its summary, with the best model's copy as
     ``model_uri`` (None when no trial produced a model)."""
-    from acol_core.jobs.sweep import run_sweep
+    from acol_core.jobs.sweep import SweepOptions, run_sweep
     from acol_core.storage import write_bytes
 
     space = sweep["space"]
@@ -293,10 +293,16 @@ def sweep_task(
         write_bytes(space_file, yaml.safe_dump(space, sort_keys=False).encode())
         space = space_file
     started = time.perf_counter()
-    result = run_sweep(
-        space, data_uri, sweep["trials"], join(run_uri, "sweep"), name=sweep["name"],
-        max_concurrent_trials=sweep["max_concurrent_trials"], seed=seed, gpus_per_worker=gpus_per_worker,
-    )  # fmt: skip
+    options = SweepOptions(
+        data=data_uri,
+        storage=join(run_uri, "sweep"),
+        trials=sweep["trials"],
+        name=sweep["name"],
+        max_concurrent_trials=sweep["max_concurrent_trials"],
+        seed=seed,
+        gpus_per_worker=gpus_per_worker,
+    )
+    result = run_sweep(space, options)
     summary = result.to_dict()
     summary["seconds"] = round(time.perf_counter() - started, 1)
     best_model = result.best_model_uri
@@ -318,10 +324,10 @@ def localize_task(
 ) -> str:
     """Ray Data batch inference of one model over the val and test rows into ``<run>/predictions/<label>``
     (``options``: the model entry's localize options, e.g. ``{"gate": "anatomy"}``)."""
-    from acol_core.jobs.localize_job import run_localize
+    from acol_core.jobs.localize_job import LocalizeOptions, run_localize
 
     output = predictions_uri(run_uri, label)
-    result = run_localize(model, data_uri, output, split="val,test", **(options or {}))
+    result = run_localize(LocalizeOptions(model, data_uri, output, split="val,test", **(options or {})))
     get_run_logger().info("localized %s: %d rows in %.0f s", label, result.info.num_rows, result.seconds)
     return output
 

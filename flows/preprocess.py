@@ -40,6 +40,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
+from acol_core.config import ConfigError, parse_key_values
 from acol_core.data import prepare
 from acol_core.data.shards import Manifest
 from acol_core.data.splits import parse_fractions
@@ -177,7 +178,9 @@ def _main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default=None, help="every subject in this split (e.g. test)")
     parser.add_argument("--split-fractions", default=None, help="train,val,test shares, e.g. 0.8,0.1,0.1")
     parser.add_argument("--rows-per-shard", type=int, default=256)
-    parser.add_argument("-o", "--option", action="append", default=[], help="source option key=JSON value")
+    parser.add_argument(
+        "-o", "--option", action="append", default=[], help="source option key=value (a YAML value)"
+    )
     args = parser.parse_args(argv)
     if args.split is not None and args.split_fractions is not None:
         parser.error("--split and --split-fractions are mutually exclusive")
@@ -185,15 +188,10 @@ def _main(argv: list[str] | None = None) -> None:
         fractions = None if args.split_fractions is None else list(parse_fractions(args.split_fractions))
     except ValueError as exc:
         parser.error(str(exc))
-    options = {}
-    for pair in args.option:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            parser.error(f"expected key=value, got {pair!r}")
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
+    try:
+        options = parse_key_values(args.option)
+    except ConfigError as exc:
+        parser.error(str(exc))
     summary = preprocess(
         source=args.source,
         output_uri=args.output,

@@ -138,7 +138,7 @@ def run_check(dry_run: bool, workdir: Path, workers: int | None = None) -> dict[
     from acol_core.config import TrainConfig
     from acol_core.data.prepare import prepare_dataset
     from acol_core.jobs import ray_init
-    from acol_core.jobs.localize_job import run_localize
+    from acol_core.jobs.localize_job import LocalizeOptions, run_localize
     from acol_core.jobs.train_run import RunOptions, run_training
 
     gpus = 0 if dry_run else info["device_count"]
@@ -192,13 +192,15 @@ def run_check(dry_run: bool, workdir: Path, workers: int | None = None) -> dict[
     t0 = time.perf_counter()
     with GpuSampler() as sampler:
         localized = run_localize(
-            result.model_uri,
-            data,
-            str(workdir / "predictions"),
-            split="all",
-            actors=actors,
-            batch_size=sizes["localize_batch"],
-            gpus_per_actor=0.0 if dry_run else 1.0,
+            LocalizeOptions(
+                result.model_uri,
+                data,
+                str(workdir / "predictions"),
+                split="all",
+                actors=actors,
+                batch_size=sizes["localize_batch"],
+                gpus_per_actor=0.0 if dry_run else 1.0,
+            )
         )
     rows = localized.info.num_rows
     report["steps"]["localize"] = {

@@ -3,13 +3,35 @@ hanging the suite (Ray Data + Train on 2 CPUs can stall silently: ../shared/STAC
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-__all__ = ["with_timeout"]
+from acol_core.faults import TEST_FAULT_ENV
+
+__all__ = ["injected_fault", "with_timeout"]
+
+
+@contextlib.contextmanager
+def injected_fault(kind: str, spec: dict[str, Any]) -> Iterator[None]:
+    """Set ``ACOL_TEST_FAULT`` (``acol_core.faults``) to ``{kind: spec}`` for the block, then restore it.
+
+    A context manager rather than ``monkeypatch``: module-scoped fixtures inject faults too.
+    """
+    saved = os.environ.get(TEST_FAULT_ENV)
+    os.environ[TEST_FAULT_ENV] = json.dumps({kind: spec})
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(TEST_FAULT_ENV, None)
+        else:
+            os.environ[TEST_FAULT_ENV] = saved
 
 
 def with_timeout(fn: Callable[[], Any], seconds: float) -> Any:

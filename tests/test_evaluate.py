@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
+from acol_core.batch_localize import localize_plain
 from acol_core.cli import app
 from acol_core.config import TrainConfig
 from acol_core.data.prepare import prepare_dataset
@@ -21,7 +22,6 @@ from acol_core.data.shards import open_dataset
 from acol_core.data.transforms import table_to_arrays
 from acol_core.evaluate import evaluate_predictions, evaluate_runs
 from acol_core.export import export_model
-from acol_core.jobs.localize_job import localize_plain
 from acol_core.localize import boxes_from_mask
 from acol_core.metrics import box_iou_matrix
 from acol_core.predictions import (

@@ -121,6 +121,10 @@ def test_boxes_from_mask_ignores_255_and_splits_components() -> None:
     gt[2:4, :] = 255  # ignore band between the objects is not object
     assert boxes_from_mask(gt) == [[3, 4, 5, 5], [0, 0, 1, 1]]
     assert boxes_from_mask(np.full((3, 3), 255, np.uint8)) == []
+    # Raster order (what sources store): by each component's first pixel, whatever its size.
+    assert boxes_from_mask(gt, order="raster") == [[0, 0, 1, 1], [3, 4, 5, 5]]
+    with pytest.raises(ValueError, match="order"):
+        boxes_from_mask(gt, order="area")
 
 
 def test_localize_resizes_normalises_and_boxes() -> None:

@@ -50,14 +50,8 @@ from acol_core.train import fit, iterate_minibatches, select_device
 
 ray = pytest.importorskip("ray")
 
-from acol_core.jobs.localize_job import (  # noqa: E402
-    INPUT_COLUMNS,
-    Localizer,
-    localize_plain,
-    localize_rows,
-    parse_splits,
-    run_localize,
-)
+from acol_core.batch_localize import INPUT_COLUMNS, Localizer, localize_plain, localize_rows, parse_splits  # noqa: E402
+from acol_core.jobs.localize_job import LocalizeOptions, run_localize  # noqa: E402
 
 RUN_TIMEOUT_S = 120.0
 # 32 rows in 4 shards: test 8 rows (3 tumour), val 8 (fullsup), train 16.
@@ -320,7 +314,9 @@ def test_ray_one_then_two_actors_rerun_replaces(
     seen: list[tuple[int, int]] = []
     first = _with_timeout(
         lambda: run_localize(
-            model_uri, phantom, out, actors=1, batch_size=3, progress=lambda d, t: seen.append((d, t))
+            LocalizeOptions(
+                model_uri, phantom, out, actors=1, batch_size=3, progress=lambda d, t: seen.append((d, t))
+            )
         )
     )
     assert first.info.num_rows == 8 and seen[-1] == (8, 8)
@@ -331,7 +327,9 @@ def test_ray_one_then_two_actors_rerun_replaces(
     shutil.copy(tmp_path / "pred" / "pred-00000.parquet", tmp_path / "pred" / "pred-00042.parquet")
     (tmp_path / "pred" / "_tmp-crashed").mkdir()
     (tmp_path / "pred" / "_tmp-crashed" / "x.parquet").write_bytes(b"junk")
-    second = _with_timeout(lambda: run_localize(model_uri, phantom, out, actors=2, batch_size=2))
+    second = _with_timeout(
+        lambda: run_localize(LocalizeOptions(model_uri, phantom, out, actors=2, batch_size=2))
+    )
     two = _check_predictions(out, phantom)
     names = sorted(storage.list_dir(out))
     assert names == sorted([SUCCESS_NAME] + [f["name"] for f in second.info.files])

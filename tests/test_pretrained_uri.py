@@ -20,18 +20,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from acol_core.batch_localize import Localizer
 from acol_core.cli import app
 from acol_core.config import TrainConfig
 from acol_core.data.codec import encode_png
 from acol_core.data.prepare import prepare_dataset
 from acol_core.data.transforms import INPUT_NORMS, prepare_image, standardize
 from acol_core.export import export_bytes, read_export_info
-from acol_core.jobs.localize_job import Localizer
-from acol_core.jobs.sweep import parse_space
 from acol_core.models import create_model
 from acol_core.models.pretrained import fetch_pretrained
 from acol_core.models.registry import create_backbone
 from acol_core.storage import read_bytes, write_bytes
+from acol_core.sweep.space import parse_space
 
 ACOL = str(Path(sys.executable).parent / "acol")
 PHANTOM = {"num_subjects": 4, "slices_per_subject": 4, "size": 32, "rows_per_shard": 16}

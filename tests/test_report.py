@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from acol_core.batch_localize import localize_plain
 from acol_core.cli import app
 from acol_core.config import TrainConfig
 from acol_core.data.prepare import prepare_dataset
@@ -23,7 +24,6 @@ from acol_core.data.shards import open_dataset
 from acol_core.data.transforms import table_to_arrays
 from acol_core.evaluate import evaluate_predictions
 from acol_core.export import export_model
-from acol_core.jobs.localize_job import localize_plain
 from acol_core.metrics import center_gaussian_baseline, pxap
 from acol_core.predictions import decode_mask, quantize_cam, write_predictions
 from acol_core.report import COLUMNS, per_image_dice, pick_cases, read_summary, top_trials, write_report
@@ -48,7 +48,8 @@ ACOL = str(Path(sys.executable).parent / "acol")
 
 def _write_sweep(run: str, data: str) -> str:
     """A finished sweep's outputs, written by the sweep's own writer from hand-made trial rows."""
-    from acol_core.jobs.sweep import parse_space, write_sweep_outputs
+    from acol_core.sweep.results import write_sweep_outputs
+    from acol_core.sweep.space import parse_space
 
     space = parse_space(
         {

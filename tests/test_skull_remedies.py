@@ -247,7 +247,7 @@ def test_skull_space_samples_build_every_remedy() -> None:
     optuna = pytest.importorskip("optuna")
     from pathlib import Path
 
-    from acol_core.jobs.sweep import load_space
+    from acol_core.sweep.space import load_space
     from acol_core.train import build_model
 
     space = load_space(str(Path(__file__).resolve().parents[1] / "tune" / "spaces" / "skull.yaml"))

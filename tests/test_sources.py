@@ -19,10 +19,10 @@ from acol_core.data.sources import (
     Source,
     binarize_mask,
     get_source,
-    mask_to_boxes,
     source_names,
 )
 from acol_core.data.sources.nifti import from_display, restack, to_display
+from acol_core.localize import boxes_from_mask
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -45,14 +45,14 @@ def _records(source: Source) -> list[Record]:
 # ---------------------------------------------------------------- helpers
 
 
-def test_mask_to_boxes_inclusive_and_8_connected():
+def test_gt_boxes_inclusive_8_connected_in_raster_order():
     mask = np.zeros((6, 8), np.uint8)
     mask[1:3, 1:3] = 1
     mask[3, 3] = 1  # touches the first block diagonally: same object
     mask[5, 6:8] = 1
     mask[0, 7] = 255  # ignore is not an object
-    assert sorted(mask_to_boxes(mask)) == [[1, 1, 3, 3], [6, 5, 7, 5]]
-    assert mask_to_boxes(np.zeros((3, 3), np.uint8)) == []
+    assert boxes_from_mask(mask, order="raster") == [[1, 1, 3, 3], [6, 5, 7, 5]]
+    assert boxes_from_mask(np.zeros((3, 3), np.uint8), order="raster") == []
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_phantom_source_records():
     for r in records:
         assert r.image.shape == (64, 64) and r.anatomy_mask.any() and set(np.unique(r.anatomy_mask)) <= {0, 1}
         if r.label == 1:
-            assert r.mask.sum() >= 1 and r.boxes and r.boxes == mask_to_boxes(r.mask)
+            assert r.mask.sum() >= 1 and r.boxes and r.boxes == boxes_from_mask(r.mask, order="raster")
         else:
             assert not r.mask.any() and r.boxes == []
 

@@ -28,18 +28,10 @@ from acol_core.cli import app
 from acol_core.config import TrainConfig
 from acol_core.data.prepare import prepare_dataset
 from acol_core.export import export_model, load_exported
-from acol_core.jobs.sweep import (
-    SpaceError,
-    SweepSpace,
-    check_trial_config,
-    evaluate_model_on_split,
-    experiment_trial_status,
-    load_space,
-    parse_space,
-    write_sweep_outputs,
-)
 from acol_core.models import FUSIONS, create_model
 from acol_core.storage import list_dir, read_bytes, write_bytes
+from acol_core.sweep.results import evaluate_model_on_split, experiment_trial_status, write_sweep_outputs
+from acol_core.sweep.space import SpaceError, SweepSpace, check_trial_config, load_space, parse_space
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -267,7 +259,7 @@ def _rows(model_uri: str) -> list[dict]:
 
 def test_best_epoch_follows_the_shared_selection_rule() -> None:
     """An early spike of the noisy val metric does not pick a half-trained model (the demo's sweep did)."""
-    from acol_core.jobs.sweep import _best_epoch, _best_row
+    from acol_core.sweep.results import best_epoch, best_row
 
     space = parse_space({**BASE, "fixed": {**TINY, "model": "acol", "epochs": 8},
                          "params": {"delta": {"type": "float", "low": 0.5, "high": 0.9}}})  # fmt: skip
@@ -277,18 +269,18 @@ def test_best_epoch_follows_the_shared_selection_rule() -> None:
         {"epoch": e, "val_pxap": p, "val_balanced_accuracy": b, "val_rows_0": 30, "val_rows_1": 30}
         for e, (p, b) in enumerate(zip(pxaps, bal, strict=True))
     ]
-    best, settled = _best_epoch(history, space, 8)
+    best, settled = best_epoch(history, space, 8)
     assert (best["epoch"], best["val_pxap"], settled) == (5, 0.45, True)  # within 0.03 of 0.94, best PxAP
-    best, settled = _best_epoch(history[:3], space, 8)  # stopped by ASHA after 3 epochs
+    best, settled = best_epoch(history[:3], space, 8)  # stopped by ASHA after 3 epochs
     assert (best["epoch"], settled) == (2, False)
     small = [{**h, "val_rows_1": 4} for h in history]
-    assert _best_epoch(small, space, 8)[0]["epoch"] == 7  # too few val rows: the last epoch
+    assert best_epoch(small, space, 8)[0]["epoch"] == 7  # too few val rows: the last epoch
     rows = [
         {"trial_id": "early", "status": "stopped", "best_val_pxap": 0.6, "best_settled": False},
         {"trial_id": "full", "status": "completed", "best_val_pxap": 0.45, "best_settled": True},
     ]
-    assert _best_row(rows, space)["trial_id"] == "full"
-    assert _best_row(rows[:1], space)["trial_id"] == "early"  # nothing settled: the best there is
+    assert best_row(rows, space)["trial_id"] == "full"
+    assert best_row(rows[:1], space)["trial_id"] == "early"  # nothing settled: the best there is
     # across trials too, classification gates localisation when val has enough rows of every class
     rows = [
         {"trial_id": "collapsed", "status": "completed", "best_val_pxap": 0.7, "best_settled": True,
@@ -296,9 +288,9 @@ def test_best_epoch_follows_the_shared_selection_rule() -> None:
         {"trial_id": "classifies", "status": "completed", "best_val_pxap": 0.5, "best_settled": True,
          "best_val_balanced_accuracy": 0.9, "val_min_class_rows": 30},
     ]  # fmt: skip
-    assert _best_row(rows, space)["trial_id"] == "classifies"
+    assert best_row(rows, space)["trial_id"] == "classifies"
     small = [{**r, "val_min_class_rows": 4} for r in rows]
-    assert _best_row(small, space)["trial_id"] == "collapsed"  # too few val rows: localisation alone
+    assert best_row(small, space)["trial_id"] == "collapsed"  # too few val rows: localisation alone
 
 
 @pytest.fixture()

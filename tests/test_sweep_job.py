@@ -13,7 +13,7 @@ import pytest
 from ray_head import RAY, Head, ray_head
 
 from acol_core.data.prepare import prepare_dataset
-from acol_core.jobs.sweep import load_space
+from acol_core.sweep.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
 EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info"]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from ray_local import with_timeout
+from ray_local import injected_fault, with_timeout
 from typer.testing import CliRunner
 
 from acol_core.cli import app
@@ -182,9 +182,9 @@ def test_killed_worker_resumes_from_checkpoint_on_s3(
         keep_checkpoints=None,
         deterministic=True,
         max_failures=1,
-        fault_injection={"rank": 1, "epoch": 1, "after_batches": 1, "marker": str(marker)},
     )
-    result = _with_timeout(lambda: run_training(_config(), options))
+    with injected_fault("train", {"rank": 1, "epoch": 1, "after_batches": 1, "marker": str(marker)}):
+        result = _with_timeout(lambda: run_training(_config(), options))
     assert marker.exists(), "the fault was not injected"
     assert result.run_uri == f"{s3_server}/train-ray/runs/faulty"
     # each epoch was reported (checkpointed) exactly once, in order

@@ -39,13 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from acol_core.jobs.sweep import run_sweep
+    from acol_core.jobs.sweep import SweepOptions, run_sweep
 
-    result = run_sweep(
-        args.space,
-        args.data,
-        args.trials,
-        args.storage,
+    options = SweepOptions(
+        data=args.data,
+        storage=args.storage,
+        trials=args.trials,
         name=args.name,
         workers_per_trial=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker,
@@ -53,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrent_trials=args.max_concurrent_trials,
         seed=args.seed,
     )
+    result = run_sweep(args.space, options)
     json.dump(result.to_dict(), sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
     return 0

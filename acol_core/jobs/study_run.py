@@ -57,7 +57,7 @@ def _committed(predictions: str) -> bool:
 def _run_cell(config: StudyConfig, storage: str, cell: StudyCell, echo: Callable[[str], None]) -> None:
     """Train, localize and evaluate one cell, skipping each step whose output is already committed."""
     from acol_core.evaluate import evaluate_predictions
-    from acol_core.jobs.localize_job import run_localize
+    from acol_core.jobs.localize_job import LocalizeOptions, run_localize
     from acol_core.jobs.train_run import RunOptions, run_training
 
     data = config.data_uri(storage, cell.preset)
@@ -79,7 +79,7 @@ def _run_cell(config: StudyConfig, storage: str, cell: StudyCell, echo: Callable
             raise RuntimeError(f"{cell.key}: training finished without a checkpoint")
         write_bytes(model, read_bytes(result.model_uri))
     if not _committed(predictions):
-        run_localize(model, data, predictions, split="val,test", **cell.localize)
+        run_localize(LocalizeOptions(model, data, predictions, split="val,test", **cell.localize))
     report = evaluate_predictions(predictions, data, split="test")
     write_bytes(evaluation, (json.dumps(report, indent=2) + "\n").encode())
     echo(f"[{cell.key}] done in {time.perf_counter() - started:.0f} s")

@@ -40,6 +40,8 @@ import numpy as np
 
 from acol_core.config import ConfigError, TrainConfig
 from acol_core.errors import RunFailure, UserError, one_line
+from acol_core.export import MODEL_FILE
+from acol_core.faults import fault_env, injected_fault
 from acol_core.jobs import parquet_reader_v1, ray_init
 
 __all__ = [
@@ -59,7 +61,6 @@ __all__ = [
 ]
 
 STATE_FILE = "state.pt"
-MODEL_FILE = "model.safetensors"
 HISTORY_FILE = "history.json"
 # Ray keeps checkpoints ranked by this reported number (selection.retention_score), not by a raw metric.
 RETENTION_METRIC = "retention_score"
@@ -102,9 +103,6 @@ class RunOptions:
             reporter is one; Train V2 takes user callbacks only there).
         progress: called in this process with each epoch's metrics (plus ``epochs``, the plan) as rank 0
             reports them, e.g. ``acol_core.console.EpochProgress``.
-        fault_injection: TEST ONLY. ``{"rank", "epoch", "after_batches", "marker"}``: that rank SIGKILLs
-            itself in that epoch after that many batches, unless the marker file exists (it creates the
-            marker first, so the restarted attempt runs through). Needs storage every worker can see.
     """
 
     data: str
@@ -119,7 +117,6 @@ class RunOptions:
     deterministic: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
     callbacks: list[Any] = field(default_factory=list)
-    fault_injection: dict[str, Any] | None = None
     progress: Callable[[dict[str, Any]], None] | None = None
     # How Ray places the workers' bundles: PACK (default), SPREAD (over nodes, best effort: a run that
     # lost a node restarts on the rest) or STRICT_SPREAD (one worker per node).
@@ -258,7 +255,8 @@ def _restore() -> tuple[dict | None, list[dict[str, float]]]:
 
 
 def _inject_fault(batches: Iterable[dict], fault: dict[str, Any]) -> Iterator[dict]:
-    """TEST ONLY: die by SIGKILL (no cleanup, like an OOM kill) after ``after_batches`` batches, once."""
+    """TEST ONLY (``acol_core.faults``): die by SIGKILL (no cleanup, like an OOM kill) after
+    ``after_batches`` batches, once."""
     marker = Path(fault["marker"])
     for index, batch in enumerate(batches):
         if index == int(fault["after_batches"]) and not marker.exists():
@@ -304,7 +302,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     config = TrainConfig.from_dict(loop_config["train"])
     class_names: list[str] = loop_config["class_names"]
-    fault: dict[str, Any] | None = loop_config.get("_fault")
+    fault = injected_fault("train")  # TEST ONLY (acol_core.faults)
     progress_queue = loop_config.get("_progress")
     rank = ray.train.get_context().get_world_rank()
     train_shard = ray.train.get_dataset_shard("train")
@@ -451,6 +449,12 @@ class _StateModule:
 # --------------------------------------------------------------------------- the driver
 
 
+def _worker_env(extra_env: dict[str, str]) -> dict[str, Any] | None:
+    """The workers' runtime env: ``extra_env``, and a test's ``ACOL_TEST_FAULT`` (``acol_core.faults``)."""
+    env = {**extra_env, **fault_env()}
+    return {"env_vars": env} if env else None
+
+
 def check_run_name(name: str, what: str = "run") -> str:
     """``name`` if it is a plain folder name (it becomes ``<storage>/<name>``: no '/', not '..'), else raise."""
     if not name or name in (".", "..") or re.search(r"[/\\\x00]", name):
@@ -521,8 +525,6 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
         "score_metric": score,
         "class_balance": balance.to_dict(),
     }
-    if options.fault_injection:
-        loop_config["_fault"] = dict(options.fault_injection)
     relay = _ProgressRelay(options.progress)
     if relay.queue is not None:
         loop_config["_progress"] = relay.queue
@@ -546,7 +548,7 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
-            worker_runtime_env={"env_vars": dict(options.extra_env)} if options.extra_env else None,
+            worker_runtime_env=_worker_env(options.extra_env),
             callbacks=list(options.callbacks) or None,
         ),
         datasets=datasets,
@@ -560,17 +562,17 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
             f"run {options.name!r} failed: {one_line(exc)} (its checkpoints are kept under "
             f"{options.storage}: run the same command again to resume)"
         ) from exc
-    summary = _summarize(result, options, storage_path, score)
+    summary = _summarize(result, options, score)
     summary.class_balance = balance.to_dict()
     return summary
 
 
-def _summarize(result: Any, options: RunOptions, storage_path: str, score: str) -> TrainRunResult:
+def _summarize(result: Any, options: RunOptions, score: str) -> TrainRunResult:
     from acol_core.selection import select_epoch
-    from acol_core.storage import join
+    from acol_core.storage import join, uri_for_path
 
     def uri(checkpoint: Any) -> str | None:
-        return _checkpoint_uri(options.storage, storage_path, checkpoint.path) if checkpoint else None
+        return uri_for_path(options.storage, checkpoint.path) if checkpoint else None
 
     history: list[dict[str, float]] = []
     if result.checkpoint is not None:
@@ -603,14 +605,6 @@ def _train_class_counts(data_uri: str, manifest: Any) -> list[int]:
     labels = open_dataset(data_uri, verify=False).read_table("train", columns=["label"])["label"]
     values = np.asarray(labels.to_numpy(zero_copy_only=False))
     return [int((values == k).sum()) for k in range(len(manifest.class_names))]
-
-
-def _checkpoint_uri(storage_uri: str, storage_path: str, checkpoint_path: str) -> str:
-    """Map the checkpoint's filesystem path back onto the user's storage URI."""
-    from acol_core.storage import join
-
-    relative = os.path.relpath(checkpoint_path, storage_path)
-    return join(storage_uri, *Path(relative).parts)
 
 
 def read_checkpoint_epochs(run_uri: str) -> dict[str, int]:

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import typer
-from ray_local import with_timeout
+from ray_local import injected_fault, with_timeout
 
 from acol_core import storage
 from acol_core.cli import clear_errors
@@ -34,7 +34,8 @@ ray = pytest.importorskip("ray")
 
 from faultkit import ACOL, readable_forms  # noqa: E402
 
-from acol_core.jobs.localize_job import ACTOR_RESTARTS, LocalizeError, localize_plain, run_localize  # noqa: E402
+from acol_core.batch_localize import localize_plain  # noqa: E402
+from acol_core.jobs.localize_job import ACTOR_RESTARTS, LocalizeError, LocalizeOptions, run_localize  # noqa: E402
 from acol_core.jobs.train_run import RunOptions, TrainingError, read_checkpoint_epochs, run_training  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -87,9 +88,10 @@ def killed_actor_run(
     """A 2-actor job whose actor holding row 20 is SIGKILLed once, mid-job."""
     out = f"{s3_server}/ray-faults/pred"
     fault = _fault(tmp_path_factory.mktemp("killed-actor"), image_ids[20], times=1)
-    result = _with_timeout(
-        lambda: run_localize(model_uri, s3_data, out, actors=2, batch_size=4, fault_injection=fault)
-    )
+    with injected_fault("localize", fault):
+        result = _with_timeout(
+            lambda: run_localize(LocalizeOptions(model_uri, s3_data, out, actors=2, batch_size=4))
+        )
     return result, out, fault
 
 
@@ -115,10 +117,8 @@ def test_batch_that_kills_every_actor_fails_clearly_and_commits_nothing(
 ) -> None:
     out = f"{s3_server}/ray-faults/pred-poisoned"
     fault = _fault(tmp_path, image_ids[5], times=100)  # every actor that gets row 5 dies
-    with pytest.raises(LocalizeError) as err:
-        _with_timeout(
-            lambda: run_localize(model_uri, s3_data, out, actors=2, batch_size=4, fault_injection=fault)
-        )
+    with injected_fault("localize", fault), pytest.raises(LocalizeError) as err:
+        _with_timeout(lambda: run_localize(LocalizeOptions(model_uri, s3_data, out, actors=2, batch_size=4)))
     message = str(err.value)
     assert "\n" not in message and "ActorDiedError" in message and "nothing was committed" in message, message
     # The batch was retried, but not forever (Ray Data's default: the job would hang, not fail).
@@ -138,9 +138,9 @@ def test_training_that_cannot_recover_fails_in_one_line(local_ray: None, tmp_pat
         name="doomed",
         max_failures=0,
         keep_checkpoints=None,
-        fault_injection={"rank": 0, "epoch": 1, "after_batches": 1, "marker": str(tmp_path / "killed")},
     )
-    with pytest.raises(TrainingError) as err:
+    fault = {"rank": 0, "epoch": 1, "after_batches": 1, "marker": str(tmp_path / "killed")}
+    with injected_fault("train", fault), pytest.raises(TrainingError) as err:
         _with_timeout(lambda: run_training(config, options))
     message = str(err.value)
     assert (tmp_path / "killed").exists()

@@ -22,7 +22,6 @@ from acol_core.data.sources.base import (
     Source,
     SourceBase,
     binarize_mask,
-    mask_to_boxes,
 )
 
 __all__ = [
@@ -35,7 +34,6 @@ __all__ = [
     "SourceBase",
     "binarize_mask",
     "get_source",
-    "mask_to_boxes",
     "source_names",
     "source_option_names",
 ]

@@ -16,7 +16,6 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow.fs as pafs
-from scipy import ndimage
 
 from acol_core import storage
 from acol_core.data.schema import MASK_IGNORE, MASK_OBJECT, Record, Reject
@@ -30,7 +29,6 @@ __all__ = [
     "Source",
     "SourceBase",
     "binarize_mask",
-    "mask_to_boxes",
 ]
 
 
@@ -216,14 +214,3 @@ def binarize_mask(mask: np.ndarray, what: str = "mask") -> np.ndarray:
         return (mask > 0).astype(np.uint8) * MASK_OBJECT
     shown = values[:6].tolist()
     raise InputError(f"{what} is not binary (values {shown}{'...' if values.size > 6 else ''})")
-
-
-def mask_to_boxes(mask: np.ndarray) -> list[list[int]]:
-    """Inclusive [x0, y0, x1, y1] of each 8-connected object component (value 1) of a mask."""
-    labelled, count = ndimage.label(mask == MASK_OBJECT, structure=np.ones((3, 3), bool))
-    boxes = []
-    for sl in ndimage.find_objects(labelled)[:count]:
-        if sl is not None:
-            ys, xs = sl
-            boxes.append([xs.start, ys.start, xs.stop - 1, ys.stop - 1])
-    return boxes

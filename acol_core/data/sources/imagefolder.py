@@ -31,8 +31,8 @@ from acol_core.data.sources.base import (
     InputRoot,
     SourceBase,
     binarize_mask,
-    mask_to_boxes,
 )
+from acol_core.localize import boxes_from_mask
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderSource"]
 
@@ -128,7 +128,7 @@ class ImageFolderSource(SourceBase):
             image=image,
             label=self.class_names.index(parts[0]),
             mask=mask,
-            boxes=None if mask is None else mask_to_boxes(mask),
+            boxes=None if mask is None else boxes_from_mask(mask, order="raster"),
             subject_id=subject,
             source=rel,
             anatomy_mask=None if anatomy is None else (anatomy == MASK_OBJECT).astype(np.uint8),

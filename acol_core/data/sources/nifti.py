@@ -48,8 +48,8 @@ from acol_core.data.sources.base import (
     InputRef,
     InputRoot,
     SourceBase,
-    mask_to_boxes,
 )
+from acol_core.localize import boxes_from_mask
 
 __all__ = [
     "NIFTI_CLASSES",
@@ -355,7 +355,7 @@ class NiftiSource(SourceBase):
         count = int(tumour.sum())
         mask = tumour.astype(np.uint8)
         if count >= self.min_tumour_pixels:
-            record.label, record.boxes = 1, mask_to_boxes(mask)
+            record.label, record.boxes = 1, boxes_from_mask(mask, order="raster")
         else:
             record.label, record.boxes = 0, []
             mask[tumour] = MASK_IGNORE

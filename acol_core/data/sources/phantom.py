@@ -30,7 +30,8 @@ from acol_core.data.phantom import (
     sample_subject,
 )
 from acol_core.data.schema import Record, Reject
-from acol_core.data.sources.base import InputRef, SourceBase, mask_to_boxes
+from acol_core.data.sources.base import InputRef, SourceBase
+from acol_core.localize import boxes_from_mask
 
 __all__ = ["PhantomSource"]
 
@@ -74,7 +75,7 @@ class PhantomSource(SourceBase):
                 image=sl.image,
                 label=int(sl.label),
                 mask=mask,
-                boxes=mask_to_boxes(mask) if tumour else [],
+                boxes=boxes_from_mask(mask, order="raster") if tumour else [],
                 subject_id=sl.subject_id,
                 slice_index=sl.slice_index,
                 source=f"phantom:{sl.subject_id}/{sl.slice_index}",
