@@ -11,7 +11,7 @@ On a cohort with 7 % tumour slices an unbalanced loss is minimised by "always he
 **Sampler** (the default's method): every epoch draws each train row ``max(n) / n_k`` times (its class's
 sampling factor; a fraction is rounded up or down at random), so each class fills about as much of the
 epoch as the largest one, and every copy is augmented afresh. It is done on the data, identically in one
-process (``train.iterate_minibatches(..., config.sampling_factors)``) and under Ray Train
+process (``train.iterate_minibatches(..., sampling_factors=config.sampling_factors)``) and under Ray Train
 (``jobs.train_run.build_datasets`` repeats the rows of the train stream before decoding them; the
 workers' shuffle buffer spreads the copies). An epoch grows to about ``C * max(n)`` rows (x1.9 on the
 ``imbalanced`` phantom), which the default pays for the stability it buys.

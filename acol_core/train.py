@@ -144,6 +144,7 @@ def iterate_minibatches(
     batch_size: int,
     rng: np.random.Generator | None,
     augment: bool,
+    *,
     intensity: float = 0.0,
     norm: str = "phantom",
     sampling_factors: Sequence[float] | None = None,

@@ -62,7 +62,9 @@ def main() -> None:
 
     def train_batches(epoch: int):
         rng = np.random.default_rng([args.order_seed, epoch] if args.seed == 0 else [args.seed, 5, epoch])
-        return iterate_minibatches(train, config.batch_size, rng, config.augment, config.sampling_factors)
+        return iterate_minibatches(
+            train, config.batch_size, rng, config.augment, sampling_factors=config.sampling_factors
+        )
 
     def hook(epoch, metrics, state):
         print({k: round(v, 3) for k, v in metrics.items() if k in ("epoch", "train_loss", *KEYS)}, flush=True)

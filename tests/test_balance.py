@@ -79,13 +79,15 @@ def test_iterate_minibatches_oversamples_with_fresh_augmentation() -> None:
         "image": np.random.default_rng(1).random((n, 1, 16, 16)).astype(np.float32),
         "label": np.array([0] * 36 + [1] * 4),
     }
-    batches = list(iterate_minibatches(arrays, 16, np.random.default_rng(2), True, [1.0, 9.0]))
+    batches = list(
+        iterate_minibatches(arrays, 16, np.random.default_rng(2), True, sampling_factors=[1.0, 9.0])
+    )
     labels = np.concatenate([b["label"] for b in batches])
     assert len(labels) == 72 and (labels == 1).sum() == 36
     images = np.concatenate([b["image"] for b in batches])[labels == 1]
     assert len({im.tobytes() for im in images}) > 4  # copies of one row are augmented each on its own
     with pytest.raises(ValueError, match="rng"):
-        next(iterate_minibatches(arrays, 16, None, False, [1.0, 9.0]))
+        next(iterate_minibatches(arrays, 16, None, False, sampling_factors=[1.0, 9.0]))
 
 
 def test_given_weights_and_bad_settings() -> None:
@@ -276,7 +278,7 @@ def test_defaults_learn_the_tumour_class_on_an_imbalanced_cohort(imbalanced_coho
                 config.batch_size,
                 np.random.default_rng([5, e]),
                 config.augment,
-                config.sampling_factors,
+                sampling_factors=config.sampling_factors,
             ),
             val_batches=lambda: iterate_minibatches(val, 64, None, False),
         )
