@@ -34,7 +34,9 @@ def _study(name: str) -> str:
         return (
             f"No results yet: run the command in `studies/{name}.yaml` (writes `{path.relative_to(ROOT)}`).\n"
         )
-    text = results_markdown(json.loads(path.read_text()))
+    results = json.loads(path.read_text())
+    results["description"] = ""  # the study's own page (docs/results/<name>.md) carries it
+    text = results_markdown(results)
     body = text.split("\n", 2)[2].lstrip("\n")  # drop the title line: the README section has its own
     return body.replace(
         "`acol study` from", f"`acol study` (`studies/{name}.yaml`) into `docs/results/{name}.json`, from"
