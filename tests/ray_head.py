@@ -34,10 +34,19 @@ VENV_BIN = Path(sys.executable).parent
 RAY = VENV_BIN / "ray"
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port not handed out before in this process: the OS may return a port it just gave us
+    (nothing listens on it yet), and two of a head's components on one port fail `ray start`."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 @dataclass

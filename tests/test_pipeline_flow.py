@@ -23,7 +23,13 @@ from ray_head import ray_head
 
 from acol_core.runs import read_run
 
-SMOKE_MODELS = ["cam", "acol", "cam+gate"]
+# The smoke preset's models (flows.pipeline is not imported here: Prefect reads its settings on import).
+SMOKE_SPECS = [
+    {"label": "cam", "model": "cam", "options": {}},
+    {"label": "acol", "model": "acol", "options": {"delta": 0.9}},
+    {"label": "cam+gate", "model": "cam", "options": {}, "reuse": "cam", "localize": {"gate": "anatomy"}},
+]
+SMOKE_MODELS = [spec["label"] for spec in SMOKE_SPECS]
 STAGES = {"preprocess", "train", "localize", "evaluate", "report"}
 
 # Each case runs the flow in one process (one ephemeral API); none may leave a run folder behind.
@@ -198,7 +204,7 @@ def test_deployment_runs_on_a_worker_against_a_ray_head(tmp_path: Path) -> None:
             params = {
                 "run_uri": run_uri,
                 "source_options": {"num_subjects": 12, "slices_per_subject": 4, "size": 32},
-                "models": [{"label": m, "model": m, "options": {}} for m in SMOKE_MODELS],
+                "models": SMOKE_SPECS,
                 "train": {"epochs": 1, "image_size": 32, "augment": False},
             }
             cmd = [PREFECT, "deployment", "run", "pipeline/pipeline-phantom", "--params", json.dumps(params)]

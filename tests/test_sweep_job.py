@@ -52,7 +52,7 @@ def test_submitted_sweep_writes_its_table_and_succeeds(head: Head, tmp_path: Pat
     assert head.get("/api/jobs/", token=None)[0] in (401, 403)
 
     logs = json.loads(head.get(f"/api/jobs/{submission.group()}/logs")[1])["logs"]
-    assert "Trial status:" in logs  # Tune's progress table, readable in the job's logs
+    assert "sweep: trial " in logs and " started (" in logs  # one line per trial event in the job's logs
     summary = json.loads(logs[logs.rindex('{\n  "sweep_uri"') :].split("\n}\n")[0] + "\n}")
 
     space = load_space(str(REPO / "tune" / "spaces" / "smoke.yaml"))
