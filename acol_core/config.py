@@ -15,7 +15,14 @@ from typing import Any
 
 from acol_core.errors import UserError
 
-__all__ = ["CLASS_BALANCE_MODES", "ConfigError", "TrainConfig", "load_config_file", "parse_key_values"]
+__all__ = [
+    "CLASS_BALANCE_MODES",
+    "ConfigError",
+    "TrainConfig",
+    "load_config_file",
+    "read_yaml",
+    "parse_key_values",
+]
 
 CLASS_BALANCE_MODES = ("auto", "weights", "sampler", "none")
 
@@ -159,17 +166,25 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML/JSON config file (a path or any URI, e.g. s3://) into a dict (validated later by
-    ``TrainConfig.from_dict``)."""
+def read_yaml(uri: str | Path, error: type[ConfigError] = ConfigError) -> Any:
+    """A YAML (or JSON) file from a path or any URI, parsed; broken YAML is one ``error`` line naming it.
+
+    The one reader of config-like files: training configs, sweep spaces, study configs.
+    """
     import yaml
 
     from acol_core.storage import read_bytes
 
     try:
-        data = yaml.safe_load(read_bytes(str(path)).decode()) or {}
+        return yaml.safe_load(read_bytes(str(uri)).decode())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        raise error(f"{uri}: not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML/JSON config file (a path or any URI, e.g. s3://) into a dict (validated later by
+    ``TrainConfig.from_dict``)."""
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

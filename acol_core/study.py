@@ -300,15 +300,9 @@ def parse_study(data: Any, source: str = "<study>") -> StudyConfig:
 
 def load_study(uri: str) -> StudyConfig:
     """Read and validate a study YAML from a path or URI."""
-    import yaml
+    from acol_core.config import read_yaml
 
-    from acol_core.storage import read_bytes
-
-    try:
-        data = yaml.safe_load(read_bytes(uri).decode())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{uri}: not valid YAML: {' '.join(str(exc).split())}") from None
-    return parse_study(data, source=uri)
+    return parse_study(read_yaml(uri), source=uri)
 
 
 # ------------------------------------------------------------ aggregation

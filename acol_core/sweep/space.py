@@ -141,15 +141,9 @@ class SweepSpace:
 
 def load_space(uri: str) -> SweepSpace:
     """Read and validate a search-space YAML file (local path or s3://)."""
-    import yaml
+    from acol_core.config import read_yaml
 
-    from acol_core.storage import read_bytes
-
-    try:
-        data = yaml.safe_load(read_bytes(uri).decode())
-    except yaml.YAMLError as exc:
-        raise SpaceError(f"{uri}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_space(data, source=uri)
+    return parse_space(read_yaml(uri, SpaceError), source=uri)
 
 
 def parse_space(data: Any, source: str = "<space>") -> SweepSpace:
