@@ -21,8 +21,9 @@ import torch
 
 from acol_core import storage
 from acol_core.data.codec import decode_png, encode_png
+from acol_core.data.harmonize import harmonize_batch
 from acol_core.data.schema import SPLITS
-from acol_core.data.transforms import prepare_image, standardize
+from acol_core.data.transforms import anatomy_masks, prepare_image, standardize
 from acol_core.export import ExportedInfo, load_exported
 from acol_core.faults import injected_fault
 from acol_core.gating import check_gate, gate_maps
@@ -32,7 +33,6 @@ from acol_core.train import autocast, flush_denormals, select_device
 
 __all__ = [
     "DEFAULT_THRESHOLD",
-    "GATE_COLUMNS",
     "INPUT_COLUMNS",
     "Localizer",
     "localize_plain",
@@ -43,8 +43,8 @@ __all__ = [
 ]
 
 DEFAULT_THRESHOLD = 0.5
-INPUT_COLUMNS = ["image_id", "image", "label", "subject_id", "slice_index"]
-GATE_COLUMNS = {"none": [], "anatomy": ["anatomy_mask"]}  # what each gate reads besides INPUT_COLUMNS
+# anatomy_mask: what the anatomy gate and brain harmonisation (`data.harmonize`) read; null when absent.
+INPUT_COLUMNS = ["image_id", "image", "label", "subject_id", "slice_index", "anatomy_mask"]
 
 
 def parse_splits(split: str | Sequence[str]) -> list[str]:
@@ -153,11 +153,10 @@ def localize_rows(
     cfg = info.config
     images = [decode_png(bytes(b)) for b in rows["image"]]
     sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
-    x = torch.from_numpy(
-        standardize(
-            np.stack([prepare_image(im, cfg.channels, cfg.image_size) for im in images]), info.input_norm
-        )
-    )
+    inputs = np.stack([prepare_image(im, cfg.channels, cfg.image_size) for im in images])
+    if cfg.harmonize != "none":
+        inputs = harmonize_batch(inputs, anatomy_masks(rows, cfg.image_size), cfg.harmonize)
+    x = torch.from_numpy(standardize(inputs, info.input_norm))
     x = x.to(device)
     with autocast(device, cfg.amp):
         out = model(x)
@@ -273,7 +272,7 @@ def localize_plain(
     localizer = Localizer(model_uri, threshold, gt_maps=gt_maps, device=device, gate=gate)
     tables = []
     for name in parse_splits(split):
-        table = dataset.read_table(split=name, columns=INPUT_COLUMNS + GATE_COLUMNS[localizer.gate])
+        table = dataset.read_table(split=name, columns=INPUT_COLUMNS)
         for start in range(0, table.num_rows, batch_size):
             tables.append(localizer(table.slice(start, batch_size).to_pydict()))
     return pa.concat_tables(tables) if tables else empty_predictions()

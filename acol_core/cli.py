@@ -213,6 +213,11 @@ def train(
     input_norm: str | None = typer.Option(
         None, help="auto (imagenet with --pretrained, else phantom), phantom, imagenet or none"
     ),
+    harmonize: str | None = typer.Option(
+        None,
+        help="brain: skull-strip on the rows' anatomy masks and bias-correct the inputs (again at "
+        "localize), or none [default: none]",
+    ),
     placement_strategy: str = typer.Option(
         "PACK", help="workers' placement: PACK, SPREAD (over nodes) or STRICT_SPREAD (one per node)"
     ),
@@ -233,6 +238,7 @@ def train(
     given = {
         "model": model, "backbone": backbone, "epochs": epochs, "lr": lr, "image_size": image_size, "seed": seed,
         "class_balance": class_balance, "pretrained": pretrained, "input_norm": input_norm,
+        "harmonize": harmonize,
     }  # fmt: skip
     values.update({k: v for k, v in given.items() if v is not None})
     if delta is not None:

@@ -62,6 +62,9 @@ class TrainConfig:
     # --- skull remedies (issue 18): intensity / bias-field / site augmentation, strength in [0, 1]
     # (0: off). Acts only with ``augment``; see ``acol_core.data.transforms.intensity_augment``.
     intensity_augment: float = 0.0
+    # Brain harmonisation of the inputs (`acol_core.data.harmonize`): none, or brain (skull-stripped on
+    # the rows' anatomy masks, bias-corrected); applied again by `acol localize`.
+    harmonize: str = "none"
     # --- end skull remedies
     seed: int = 0
     amp: str = "auto"
@@ -128,6 +131,11 @@ class TrainConfig:
         anatomy = self.model_options.get("shared_anatomy", False)
         if not (isinstance(anatomy, bool) or anatomy == "compete"):
             raise ConfigError(f"shared_anatomy must be false, true or 'compete', got {anatomy!r}")
+        if self.harmonize not in ("none", "brain"):
+            raise ConfigError(f"harmonize must be none or brain, got {self.harmonize!r}")
+        fusion = self.model_options.get("fusion", "max")
+        if fusion not in ("max", "mean", "joint", "a", "auto"):
+            raise ConfigError(f"fusion must be one of max, mean, joint, a, auto, got {fusion!r}")
         # --- end skull remedies
 
     @property

@@ -43,6 +43,7 @@ __all__ = [
     "autocast",
     "build_model",
     "checkpoint_bytes",
+    "choose_fusion",
     "classification_metrics",
     "fit",
     "flush_denormals",
@@ -316,6 +317,8 @@ def predict(
         cams = normalize_cam(resize_map(outputs["cam"].float().cpu().numpy(), size))
         logits = outputs["logits"].float().cpu().numpy()
         parts = {"logits": logits, "pred": logits.argmax(1), "cam": cams}
+        for name, cam in outputs.get("cams", {}).items():  # candidate fusions (`fusion: auto`)
+            parts[f"cam:{name}"] = normalize_cam(resize_map(cam.float().cpu().numpy(), size))
         parts.update(
             {k: np.asarray(batch[k]) for k in ("label", "mask", "anatomy_mask", "fullsup") if k in batch}
         )
@@ -351,6 +354,28 @@ def localization_metrics(
     if "off_target_share" in report:
         metrics["off_target"] = report["off_target_share"]
     return metrics
+
+
+def choose_fusion(
+    model: nn.Module, pred: dict[str, np.ndarray], rows: np.ndarray | None, step: float = 0.01
+) -> int | None:
+    """For a model with ``fusion="auto"`` (`models.FusionChoice`): the candidate fusion with the best
+    val PxAP on ``rows`` (fullsup val rows) becomes the model's, and ``pred["cam"]`` its map.
+
+    Returns the chosen candidate's index, or None when ``pred`` offers no candidates. Ties and rows
+    without any object keep the first candidate (``max``, the paper's).
+    """
+    names = [key.split(":", 1)[1] for key in pred if key.startswith("cam:")]
+    if not names:
+        return None
+    scores = []
+    for name in names:
+        pxap = localization_metrics({**pred, "cam": pred[f"cam:{name}"]}, rows=rows, step=step).get("pxap")
+        scores.append(float(pxap) if pxap is not None and np.isfinite(pxap) else -1.0)
+    best = int(np.argmax(scores))
+    model.choose_fusion(names[best])
+    pred["cam"] = pred[f"cam:{names[best]}"]
+    return best
 
 
 def checkpoint_bytes(state: dict) -> bytes:
@@ -418,6 +443,9 @@ def fit(
             # The bare module: a DDP forward on rank 0 alone would wait for the other ranks' collectives.
             pred = predict(unwrap(model), val_batches(), device, config.amp)
             fullsup = pred.get("fullsup")
+            choice = choose_fusion(unwrap(model), pred, fullsup, config.val_step)
+            if choice is not None:
+                metrics["val_fusion_index"] = float(choice)
             val = localization_metrics(
                 pred, rows=fullsup if fullsup is not None else None, step=config.val_step
             )

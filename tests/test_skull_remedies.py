@@ -260,3 +260,149 @@ def test_skull_space_samples_build_every_remedy() -> None:
         anatomy_modes.add(config.model_options["shared_anatomy"])
         study.tell(trial, 0.0)
     assert anatomy_modes == {False, True, "compete"}
+
+
+# ---------------------------------------------------------------- fusion="auto" (ACoL's fusion chosen on val)
+
+
+@pytest.mark.parametrize("name", ["acol", "acol_coatt"])
+def test_auto_fusion_offers_every_candidate_in_eval_and_keeps_the_choice_in_the_state(name: str) -> None:
+    model, labels = _model(name, delta=0.6, fusion="auto"), torch.tensor([0, 1, 1, 0])
+    assert "cams" not in model.train()(_batch(), labels)  # training pays for one map only
+    with torch.no_grad():
+        out = model.eval()(_batch(), labels)
+    assert set(out["cams"]) == {"max", "mean", "joint", "a"} and model.active_fusion == "max"
+    assert torch.equal(out["cam"], out["cams"]["max"])
+    model.choose_fusion("a")
+    with torch.no_grad():
+        out = model(_batch(), labels)
+    assert torch.equal(out["cam"], out["cams"]["a"]) and not torch.equal(out["cam"], out["cams"]["max"])
+    rebuilt = create_model(**model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.active_fusion == "a"
+    with pytest.raises(ValueError, match="cannot choose fusion"):
+        _model(name, delta=0.6, fusion="max").choose_fusion("a")
+
+
+def test_choose_fusion_picks_the_best_val_pxap_on_the_given_rows() -> None:
+    from acol_core.train import choose_fusion
+
+    model = _model("acol", delta=0.6, fusion="auto")
+    mask = np.zeros((3, 8, 8), np.uint8)
+    mask[:, 2:5, 2:5] = 1
+    on_object = mask.astype(np.float32)
+    off_object = 1.0 - on_object
+    pred = {
+        "label": np.ones(3, np.int64),
+        "pred": np.ones(3, np.int64),
+        "mask": mask,
+        "cam": off_object,
+        "cam:max": off_object,
+        "cam:mean": off_object,
+        "cam:joint": off_object,
+        "cam:a": on_object,
+    }
+    assert choose_fusion(model, pred, np.ones(3, bool)) == 3
+    assert model.active_fusion == "a" and pred["cam"] is on_object
+    assert choose_fusion(model, {"cam": on_object}, None) is None  # a fixed fusion offers no candidates
+
+
+def test_auto_fusion_is_chosen_during_fit_and_reported() -> None:
+    from acol_core.train import fit, iterate_minibatches
+
+    rng = np.random.default_rng(0)
+    n, size = 16, 32
+    mask = np.zeros((n, size, size), np.uint8)
+    mask[n // 2 :, 8:16, 8:16] = 1
+    arrays = {
+        "image": (rng.normal(size=(n, 1, size, size)) + 3 * mask[:, None]).astype(np.float32),
+        "label": (np.arange(n) >= n // 2).astype(np.int64),
+        "mask": mask,
+        "fullsup": np.ones(n, bool),
+    }
+    config = TrainConfig(
+        model="acol", model_options={"delta": 0.6, "fusion": "auto"}, epochs=2, image_size=size, num_threads=1
+    )
+    result = fit(
+        config,
+        train_batches=lambda epoch: iterate_minibatches(
+            arrays, 8, np.random.default_rng(epoch), augment=False
+        ),
+        val_batches=lambda: iterate_minibatches(arrays, 8, None, augment=False),
+    )
+    chosen = [h["val_fusion_index"] for h in result.history]
+    assert len(chosen) == 2 and result.model.active_fusion == result.model.fusion_candidates[int(chosen[-1])]
+    assert TrainConfig.from_dict(config.to_dict()).model_options["fusion"] == "auto"
+    with pytest.raises(ConfigError, match="fusion"):
+        TrainConfig(model="acol", model_options={"fusion": "best"})
+
+
+# ---------------------------------------------------------------- harmonize="brain" (skull-stripped, bias-corrected)
+
+
+def _head(size: int = 48) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A disc of textured 'brain' inside a bright ring of 'skull' on air: image, anatomy, brain."""
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    r = np.hypot(y, x)
+    brain, ring = r < size * 0.33, (r >= size * 0.33) & (r < size * 0.43)
+    texture = 0.4 + 0.1 * np.sin(x / 2.0) * np.cos(y / 3.0)
+    image = np.where(brain, texture, 0.0) + np.where(ring, 0.95, 0.0)
+    return image[None].astype(np.float32), ring.astype(np.uint8), brain
+
+
+def test_harmonize_strips_the_skull_and_removes_a_smooth_gain() -> None:
+    from acol_core.data.harmonize import brain_region, harmonize_slice
+
+    image, anatomy, brain = _head()
+    assert np.array_equal(brain_region(image, anatomy), brain)
+    plain = harmonize_slice(image, anatomy)
+    assert (plain[0][~brain] == 0).all() and plain[0][brain].std() > 0.05
+    assert 0 <= plain.min() and plain.max() <= 1 and abs(float(np.median(plain[0][brain])) - 0.5) < 0.02
+    gain = 1.0 + 0.8 * np.linspace(0, 1, image.shape[-1])[None, None, :]  # a coil's bright side
+    gained = harmonize_slice((image * gain).astype(np.float32), anatomy)
+    raw_gap = np.abs((image * gain - image)[0][brain]).mean() / image[0][brain].mean()
+    assert np.abs(gained - plain)[0][brain].mean() < 0.25 * raw_gap  # most of the gain is gone
+
+
+def test_harmonize_without_masks_keeps_the_foreground_and_empty_slices_stay_empty() -> None:
+    from acol_core.data.harmonize import harmonize_batch
+
+    image, anatomy, _ = _head()
+    unknown = np.full_like(anatomy, 255)
+    out = harmonize_batch(np.stack([image, np.zeros_like(image)]), np.stack([unknown, unknown]), "brain")
+    assert (out[0][0][image[0] > 0.05] > 0).mean() > 0.9 and (out[1] == 0).all()
+    assert harmonize_batch(image[None], None, "none") is not None
+    with pytest.raises(ValueError, match="harmonize must be one of none, brain"):
+        harmonize_batch(image[None], None, "n4")
+    with pytest.raises(ConfigError, match="harmonize must be none or brain"):
+        TrainConfig(harmonize="skullstrip")
+
+
+def test_harmonized_training_inputs_are_what_localize_feeds_the_model(tmp_path) -> None:
+    """decode_rows (training, val, sweeps) and localize_rows (acol localize) harmonise alike."""
+    from acol_core.batch_localize import INPUT_COLUMNS, localize_rows
+    from acol_core.data.prepare import prepare_dataset
+    from acol_core.data.shards import open_dataset
+    from acol_core.data.transforms import decode_rows
+    from acol_core.export import export_model, load_exported
+    from acol_core.predictions import decode_cam
+
+    data = str(tmp_path / "data")
+    prepare_dataset("phantom", data, num_subjects=4, slices_per_subject=2, size=32, seed=0)
+    config = TrainConfig(model="cam", image_size=32, epochs=1, harmonize="brain")
+    uri = export_model(_model("cam"), config, ["healthy", "tumour"], str(tmp_path / "m.safetensors"))
+    model, info = load_exported(uri)
+    assert info.config.harmonize == "brain"
+    rows = open_dataset(data).read_table("test", columns=INPUT_COLUMNS).to_pydict()
+    decoded = decode_rows(rows, 1, 32, with_masks=False, harmonize="brain")
+    plain = decode_rows(rows, 1, 32, with_masks=False)
+    assert not np.allclose(decoded["image"], plain["image"])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(decoded["image"]))["cam"]
+    table = localize_rows(model, info, rows, 0.5, ("m", "x"), torch.device("cpu"), gt_maps=False)
+    got = [decode_cam(c) for c in table.column("cam").to_pylist()]
+    from acol_core.localize import normalize_cam, resize_map
+
+    want = [normalize_cam(resize_map(m.numpy(), (32, 32))) for m in expected]
+    # The stored map is quantised to 8 bits.
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True)) <= 1 / 255 + 1e-6

@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from acol_core.data.codec import decode_png
+from acol_core.data.harmonize import harmonize_batch
 
 __all__ = [
     "IGNORE",
     "INPUT_NORMS",
     "NORMALIZATION",
+    "anatomy_masks",
     "augment_batch",
     "bias_field",
     "check_intensity",
@@ -123,32 +125,43 @@ def _mask_or_ignore(data: Any, size: int) -> np.ndarray:
     return _resize(mask.astype(np.uint8), size, "nearest")
 
 
+def anatomy_masks(rows: Mapping[str, Sequence[Any]], size: int) -> np.ndarray:
+    """The rows' ``anatomy_mask`` column decoded to N×size×size uint8 (255 where a row has none)."""
+    n = len(rows["image"])
+    anatomy = rows.get("anatomy_mask", [None] * n)
+    return np.stack([_mask_or_ignore(m, size) for m in anatomy]).reshape(n, size, size)
+
+
 def decode_rows(
     rows: Mapping[str, Sequence[Any]],
     in_channels: int,
     size: int,
     with_masks: bool = True,
     norm: str = "phantom",
+    harmonize: str = "none",
 ) -> dict[str, np.ndarray]:
     """Decode a batch of dataset rows.
 
-    Returns ``image`` N×C×S×S float32 (standardised by ``norm``), ``label`` int64, and with ``with_masks``
+    Returns ``image`` N×C×S×S float32 (harmonised by ``harmonize``, `acol_core.data.harmonize`, with the
+    rows' anatomy masks; then standardised by ``norm``), ``label`` int64, and with ``with_masks``
     ``mask`` / ``anatomy_mask`` N×S×S uint8 (255 where a row has none), ``fullsup`` bool.
     """
+    n = len(rows["image"])
     images = [prepare_image(decode_png(bytes(b)), in_channels, size) for b in rows["image"]]
+    anatomy = None
+    if with_masks or harmonize != "none":
+        anatomy = anatomy_masks(rows, size)
     out: dict[str, np.ndarray] = {
-        "image": standardize(np.stack(images), norm)
+        "image": standardize(harmonize_batch(np.stack(images), anatomy, harmonize), norm)
         if images
         else np.zeros((0, in_channels, size, size), np.float32),
         "label": np.asarray(rows["label"], dtype=np.int64),
     }
     if with_masks:
-        n = len(images)
         out["mask"] = np.stack([_mask_or_ignore(m, size) for m in rows.get("mask", [None] * n)]).reshape(
             n, size, size
         )
-        anatomy = rows.get("anatomy_mask", [None] * n)
-        out["anatomy_mask"] = np.stack([_mask_or_ignore(m, size) for m in anatomy]).reshape(n, size, size)
+        out["anatomy_mask"] = anatomy
         out["fullsup"] = np.asarray(rows.get("fullsup", [False] * n), dtype=bool)
     return out
 
@@ -249,10 +262,12 @@ def intensity_augment(
 
 
 def table_to_arrays(
-    table: Any, in_channels: int, size: int, with_masks: bool = True
+    table: Any, in_channels: int, size: int, with_masks: bool = True, harmonize: str = "none"
 ) -> dict[str, np.ndarray]:
     """Decode a whole (small) pyarrow table in memory; the plain-process path of tests and the demo."""
     columns = [c for c in ("image", "label", "mask", "anatomy_mask", "fullsup") if c in table.column_names]
-    arrays = decode_rows(table.select(columns).to_pydict(), in_channels, size, with_masks=with_masks)
+    arrays = decode_rows(
+        table.select(columns).to_pydict(), in_channels, size, with_masks=with_masks, harmonize=harmonize
+    )
     arrays["image_id"] = np.asarray(table.column("image_id").to_pylist(), dtype=object)
     return arrays

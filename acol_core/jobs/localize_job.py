@@ -29,7 +29,6 @@ from typing import Any
 
 from acol_core import storage
 from acol_core.batch_localize import (
-    GATE_COLUMNS,
     INPUT_COLUMNS,
     Localizer,
     model_threshold,
@@ -188,8 +187,7 @@ def _build(
     with parquet_reader_v1():
         ds = ray.data.read_parquet(checked.shard_paths, filesystem=checked.filesystem)
     # Ray 2.60 refuses read_parquet(filter=...); an expression filter is pushed down to the scan.
-    columns = INPUT_COLUMNS + GATE_COLUMNS[checked.gate]
-    ds = ds.filter(expr=col("split").is_in(checked.splits)).select_columns(columns)
+    ds = ds.filter(expr=col("split").is_in(checked.splits)).select_columns(INPUT_COLUMNS)
     return ds.map_batches(
         Localizer,
         fn_constructor_kwargs={

@@ -148,10 +148,11 @@ def _decode(
     with_masks: bool,
     intensity: float = 0.0,
     norm: str = "phantom",
+    harmonize: str = "none",
 ) -> dict:
     from acol_core.data.transforms import augment_batch, decode_rows
 
-    out = decode_rows(batch, in_channels, size, with_masks=with_masks, norm=norm)
+    out = decode_rows(batch, in_channels, size, with_masks=with_masks, norm=norm, harmonize=harmonize)
     if augment:
         # Unseeded on purpose: each epoch re-runs this task, so each epoch sees new augmentations.
         out = augment_batch(out, np.random.default_rng(), intensity=intensity, norm=norm)
@@ -210,6 +211,7 @@ def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = Fal
                 "with_masks": split != "train",
                 "intensity": config.intensity_augment,
                 "norm": config.effective_input_norm,
+                "harmonize": config.harmonize,
             },
             batch_format="numpy",
             batch_size=_VAL_BATCH,

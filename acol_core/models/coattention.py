@@ -69,8 +69,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Backbone
-from .erase import check_delta, check_fusion, erase_features, fuse_maps, normalize_maps, select_class_maps
-from .heads import ClassMapHead, WsolModel, head_size, row_weights, weighted_mean
+from .erase import FUSIONS, check_delta, erase_features, normalize_maps, select_class_maps
+from .heads import ClassMapHead, FusionChoice, WsolModel, head_size, row_weights, weighted_mean
 from .registry import register_model
 
 __all__ = [
@@ -448,7 +448,7 @@ class CoattModel(WsolModel):
         return {"loss": total, **parts}
 
 
-class AcolCoattModel(CoattModel):
+class AcolCoattModel(CoattModel, FusionChoice):
     """ACoL on co-attention: branch A is `CoattModel`'s head; A's map erases branch B's input features.
 
     Branches: "a" (single image), "common", "contrast" (A's pair terms), "b" (erased features).
@@ -470,11 +470,12 @@ class AcolCoattModel(CoattModel):
     ) -> None:
         super().__init__(backbone, num_classes, head_width=head_width, head_depth=head_depth, **options)
         self.delta = check_delta(delta)
-        self.fusion = check_fusion(fusion)
-        if self.fusion == "joint" and (self.infer_partners or self.infer_map != "single"):
+        own_only = not self.infer_partners and self.infer_map == "single"
+        if fusion == "joint" and not own_only:
             raise ValueError(
                 "fusion='joint' fuses the raw single-image maps: it needs infer_partners=0, infer_map='single'"
             )
+        self.init_fusion(fusion, FUSIONS if own_only else tuple(f for f in FUSIONS if f != "joint"))
         self.head_b = ClassMapHead(backbone.out_channels, self.num_maps, head_width, head_depth)
         self.loss_weights["sm_b"] = _check_weights(w_erased=w_erased)["w_erased"]
 
@@ -492,13 +493,13 @@ class AcolCoattModel(CoattModel):
         with torch.no_grad():
             own_only = self.infer_partners == 0 and self.infer_map == "single"
             cam_a = norm_a if own_only else self._anchor_map(features, maps_a, logits_a, target)
-            cam = fuse_maps(raw_a, select_class_maps(self.evidence(maps_b), target), self.fusion, cam_a)
+            fused = self.fused_maps(raw_a, select_class_maps(self.evidence(maps_b), target), cam_a)
         maps = {"a": maps_a, "common": maps_common, "contrast": maps_contrast, "b": maps_b}
         return {
             "logits": self.class_logits(logits_a),
             "branch_logits": [self.pool(m) for m in maps.values()],
             "maps": maps,
-            "cam": cam,
+            **fused,
             "partners": partners,
         }
 

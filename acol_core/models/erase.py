@@ -28,6 +28,7 @@ __all__ = [
     "erase_features",
     "erase_mask",
     "FUSIONS",
+    "FUSION_OPTIONS",
     "check_fusion",
     "fuse_maps",
     "fuse_max",
@@ -41,6 +42,9 @@ ANATOMY_MODES: tuple[bool | str, ...] = (False, True, "compete")
 
 # How a two-branch model (ACoL, ACoL on co-attention) turns its branches' maps into one localisation map.
 FUSIONS = ("max", "mean", "joint", "a")
+# `fusion` option values: one of FUSIONS, or "auto": the fusion with the best val PxAP, chosen by the
+# train loop on val rows (`FusionChoice`), never on test.
+FUSION_OPTIONS = (*FUSIONS, "auto")
 
 
 def check_delta(delta: float) -> float:
@@ -122,9 +126,9 @@ def fuse_max(a: Tensor, b: Tensor) -> Tensor:
 
 
 def check_fusion(fusion: str) -> str:
-    """Return `fusion` if it is one of `FUSIONS`, else raise ValueError naming them."""
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    """Return `fusion` if it is one of `FUSION_OPTIONS`, else raise ValueError naming them."""
+    if fusion not in FUSION_OPTIONS:
+        raise ValueError(f"fusion must be one of {', '.join(FUSION_OPTIONS)}, got {fusion!r}")
     return fusion
 
 

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .backbones import Backbone
 from .erase import (
+    FUSIONS,
     check_delta,
     check_fusion,
     check_shared_anatomy,
@@ -55,6 +56,7 @@ __all__ = [
     "AcolModel",
     "CamModel",
     "ClassMapHead",
+    "FusionChoice",
     "WsolModel",
     "acol",
     "cam",
@@ -288,7 +290,45 @@ class CamModel(WsolModel):
         return {"logits": logits, "branch_logits": [full], "maps": {"main": maps}, "cam": cam}
 
 
-class AcolModel(WsolModel):
+class FusionChoice(nn.Module):
+    """How a two-branch model fuses its maps: a fixed `fusion` (`erase.FUSIONS`), or ``"auto"``.
+
+    With ``"auto"`` the model offers every candidate fusion in eval mode (output "cams": name -> map)
+    and `train.fit` picks the one with the best val PxAP on val rows each epoch (`choose_fusion`); the
+    choice is a buffer, so checkpoints, exports and `acol localize` keep it. Until chosen: ``max``.
+    """
+
+    fusion: str
+    fusion_candidates: tuple[str, ...]
+
+    def init_fusion(self, fusion: str, candidates: tuple[str, ...] = FUSIONS) -> None:
+        self.fusion = check_fusion(fusion)
+        self.fusion_candidates = candidates if self.fusion == "auto" else (self.fusion,)
+        if self.fusion == "auto":
+            self.register_buffer("fusion_index", torch.zeros((), dtype=torch.long))
+
+    @property
+    def active_fusion(self) -> str:
+        """The fusion the "cam" output uses now."""
+        if self.fusion != "auto":
+            return self.fusion
+        return self.fusion_candidates[int(self.fusion_index)]
+
+    def choose_fusion(self, name: str) -> None:
+        """Use fusion `name` (one of `fusion_candidates`) from now on; only with ``fusion="auto"``."""
+        if self.fusion != "auto" or name not in self.fusion_candidates:
+            raise ValueError(f"cannot choose fusion {name!r}: fusion={self.fusion!r}")
+        self.fusion_index.fill_(self.fusion_candidates.index(name))
+
+    def fused_maps(self, raw_a: Tensor, raw_b: Tensor, norm_a: Tensor) -> dict[str, Any]:
+        """{"cam": the active fusion's map} plus, for ``"auto"`` in eval mode, "cams" of every candidate."""
+        out: dict[str, Any] = {"cam": fuse_maps(raw_a, raw_b, self.active_fusion, norm_a)}
+        if self.fusion == "auto" and not self.training:
+            out["cams"] = {name: fuse_maps(raw_a, raw_b, name, norm_a) for name in self.fusion_candidates}
+        return out
+
+
+class AcolModel(WsolModel, FusionChoice):
     """ACoL: branch A finds the most discriminative region; branch B sees the features with it erased.
 
     A's map for the target class (label in training, predicted class otherwise) is min-max normalised
@@ -311,7 +351,7 @@ class AcolModel(WsolModel):
     ) -> None:
         super().__init__(backbone, num_classes, shared_anatomy)
         self.delta = check_delta(delta)
-        self.fusion = check_fusion(fusion)
+        self.init_fusion(fusion)
         self.head_a = ClassMapHead(backbone.out_channels, self.num_maps, head_width, head_depth)
         self.head_b = ClassMapHead(backbone.out_channels, self.num_maps, head_width, head_depth)
 
@@ -326,12 +366,12 @@ class AcolModel(WsolModel):
         maps_b = self.head_b(erase_features(features, norm_a, self.delta))
         logits_b = self.pool(maps_b)
         with torch.no_grad():
-            cam = fuse_maps(raw_a, select_class_maps(self.evidence(maps_b), target), self.fusion, norm_a)
+            fused = self.fused_maps(raw_a, select_class_maps(self.evidence(maps_b), target), norm_a)
         return {
             "logits": self.class_logits(logits_a),
             "branch_logits": [logits_a, logits_b],
             "maps": {"a": maps_a, "b": maps_b},
-            "cam": cam,
+            **fused,
         }
 
 
@@ -370,7 +410,8 @@ def acol(
     shared_anatomy: bool | str = False,
     fusion: str = "max",
 ) -> AcolModel:
-    """ACoL with erase threshold `delta` in (0, 1) and map `fusion` (max, mean, joint, a); head as `cam`'s."""
+    """ACoL with erase threshold `delta` in (0, 1) and map `fusion` (max, mean, joint, a, or auto: chosen
+    on val); head as `cam`'s."""
     return AcolModel(
         backbone, num_classes, delta, *head_size(backbone, head_width, head_depth), shared_anatomy, fusion
     )

@@ -359,7 +359,12 @@ def evaluate_model_on_split(
         for start in range(0, table.num_rows, batch_size):
             rows = table.slice(start, batch_size).to_pydict()
             yield decode_rows(
-                rows, config.channels, config.image_size, with_masks=True, norm=config.effective_input_norm
+                rows,
+                config.channels,
+                config.image_size,
+                with_masks=True,
+                norm=config.effective_input_norm,
+                harmonize=config.harmonize,
             )
 
     pred = predict(model, batches(), device, config.amp)
