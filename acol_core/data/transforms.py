@@ -22,6 +22,7 @@ __all__ = [
     "augment_batch",
     "bias_field",
     "check_intensity",
+    "decode_batch",
     "decode_rows",
     "intensity_augment",
     "describe_norm",
@@ -150,6 +151,23 @@ def decode_rows(
         anatomy = rows.get("anatomy_mask", [None] * n)
         out["anatomy_mask"] = np.stack([_mask_or_ignore(m, size) for m in anatomy]).reshape(n, size, size)
         out["fullsup"] = np.asarray(rows.get("fullsup", [False] * n), dtype=bool)
+    return out
+
+
+def decode_batch(
+    rows: Mapping[str, Sequence[Any]],
+    in_channels: int,
+    size: int,
+    augment: bool,
+    with_masks: bool,
+    intensity: float = 0.0,
+    norm: str = "phantom",
+) -> dict[str, np.ndarray]:
+    """``decode_rows``, then with ``augment`` ``augment_batch`` with a fresh unseeded generator: the map
+    of a streamed split (Ray Data re-runs it every epoch, so each epoch sees new augmentations)."""
+    out = decode_rows(rows, in_channels, size, with_masks=with_masks, norm=norm)
+    if augment:
+        out = augment_batch(out, np.random.default_rng(), intensity=intensity, norm=norm)
     return out
 
 
