@@ -12,7 +12,7 @@ On a cohort with 7 % tumour slices an unbalanced loss is minimised by "always he
 sampling factor; a fraction is rounded up or down at random), so each class fills about as much of the
 epoch as the largest one, and every copy is augmented afresh. It is done on the data, identically in one
 process (``train.iterate_minibatches(..., sampling_factors=config.sampling_factors)``) and under Ray Train
-(``jobs.train_run.build_datasets`` repeats the rows of the train stream before decoding them; the
+(``repeat_rows``, mapped over the train stream by ``jobs.train_run.build_datasets`` before decoding; the
 workers' shuffle buffer spreads the copies). An epoch grows to about ``C * max(n)`` rows (x1.9 on the
 ``imbalanced`` phantom), which the default pays for the stability it buys.
 
@@ -65,6 +65,7 @@ __all__ = [
     "auto_method",
     "class_weights",
     "repeat_counts",
+    "repeat_rows",
     "resolve_class_balance",
     "sampled_rows",
     "sampling_factors",
@@ -128,6 +129,14 @@ def sampled_rows(labels: np.ndarray, factors: Sequence[float], rng: np.random.Ge
     them after)."""
     counts = repeat_counts(labels, factors, rng)
     return np.repeat(np.arange(len(counts)), counts)
+
+
+def repeat_rows(batch: dict[str, np.ndarray], factors: list[float]) -> dict[str, np.ndarray]:
+    """Each row of a batch as many times as its class's sampling factor (``repeat_counts``): the train
+    stream's map before decoding under Ray Data, so that every copy is decoded and augmented on its own."""
+    # Unseeded on purpose, like the augmentation: each epoch re-runs this map and draws anew.
+    index = sampled_rows(batch["label"], factors, np.random.default_rng())
+    return {k: np.asarray(v)[index] for k, v in batch.items()}
 
 
 def auto_method(augment: bool) -> str:

@@ -232,7 +232,8 @@ def train(
     """
     from acol_core.config import TrainConfig, load_config_file
     from acol_core.console import EpochProgress
-    from acol_core.jobs.train_run import RunOptions, run_training
+    from acol_core.jobs.train_run import run_training
+    from acol_core.train_session import RunOptions
 
     values = load_config_file(config) if config else {}
     given = {

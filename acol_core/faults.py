@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
-__all__ = ["TEST_FAULT_ENV", "fault_env", "injected_fault"]
+__all__ = ["TEST_FAULT_ENV", "fault_env", "injected_fault", "kill_after_batches"]
 
 TEST_FAULT_ENV = "ACOL_TEST_FAULT"
+_KILL_DELAY_S = 3.0
 
 
 def injected_fault(kind: str) -> dict[str, Any] | None:
@@ -40,3 +45,18 @@ def fault_env() -> dict[str, str]:
     """``{ACOL_TEST_FAULT: value}`` when this process has it (for a Ray runtime env), else ``{}``."""
     raw = os.environ.get(TEST_FAULT_ENV)
     return {TEST_FAULT_ENV: raw} if raw else {}
+
+
+def kill_after_batches(batches: Iterable[dict], fault: dict[str, Any]) -> Iterator[dict]:
+    """``batches``, but this process dies by SIGKILL (no cleanup, like an OOM kill) after the ``train``
+    fault's ``after_batches`` batches, once: unless its ``marker`` file exists."""
+    marker = Path(fault["marker"])
+    for index, batch in enumerate(batches):
+        if index == int(fault["after_batches"]) and not marker.exists():
+            marker.touch()  # first: the restarted attempt must run through
+            # A crash mid-epoch, not at its start: Train V2's controller collects reports by polling,
+            # and a worker killed within a moment of its last report (an epoch start with no wait
+            # for data) can take that report with it; the run then redoes the epoch.
+            time.sleep(_KILL_DELAY_S)
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield batch

@@ -97,7 +97,8 @@ def _use_gpu() -> bool:
 
 def _train(case: dict[str, Any]) -> dict[str, Any]:
     from acol_core.config import TrainConfig
-    from acol_core.jobs.train_run import RunOptions, run_training
+    from acol_core.jobs.train_run import run_training
+    from acol_core.train_session import RunOptions
 
     config = TrainConfig(
         backbone="tiny",

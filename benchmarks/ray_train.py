@@ -58,7 +58,8 @@ def _compare(
     """Both in-process sides and the Ray run at ``config.num_threads``: their images/s and ratios."""
     import ray
 
-    from acol_core.jobs.train_run import RunOptions, run_training
+    from acol_core.jobs.train_run import run_training
+    from acol_core.train_session import RunOptions
 
     batch, size = config.batch_size, config.image_size
 

@@ -250,7 +250,8 @@ def train_task(
 ) -> dict[str, Any]:
     """One Ray Train run; its best checkpoint's export copied to ``<run>/models/<label>.safetensors``."""
     from acol_core.console import EpochProgress
-    from acol_core.jobs.train_run import RunOptions, run_training
+    from acol_core.jobs.train_run import run_training
+    from acol_core.train_session import RunOptions
 
     config = _train_config(spec, train)
     started = time.perf_counter()

@@ -139,7 +139,8 @@ def run_check(dry_run: bool, workdir: Path, workers: int | None = None) -> dict[
     from acol_core.data.prepare import prepare_dataset
     from acol_core.jobs import ray_init
     from acol_core.jobs.localize_job import LocalizeOptions, run_localize
-    from acol_core.jobs.train_run import RunOptions, run_training
+    from acol_core.jobs.train_run import run_training
+    from acol_core.train_session import RunOptions
 
     gpus = 0 if dry_run else info["device_count"]
     if workers is None:

@@ -16,6 +16,11 @@ import acol_core.sweep.results
 import acol_core.sweep.space
 import acol_core.batch_localize
 import acol_core.viz
+import acol_core.checkpoints
+import acol_core.train_session
+import acol_core.balance
+import acol_core.faults
+import acol_core.data.transforms
 from acol_core.sweep.space import load_space
 space = load_space("tune/spaces/smoke.yaml")
 assert space.params, "the smoke space has parameters"

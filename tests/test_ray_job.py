@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from acol_core.checkpoints import HISTORY_FILE, read_checkpoint_epochs
 from acol_core.data.prepare import prepare_dataset
-from acol_core.export import load_exported
-from acol_core.jobs.train_run import HISTORY_FILE, MODEL_FILE, read_checkpoint_epochs
+from acol_core.export import MODEL_FILE, load_exported
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -18,26 +18,19 @@ import torch
 from ray_local import injected_fault, with_timeout
 from typer.testing import CliRunner
 
+from acol_core.checkpoints import HISTORY_FILE, STATE_FILE, read_checkpoint_epochs
 from acol_core.cli import app
 from acol_core.config import TrainConfig
 from acol_core.data.prepare import prepare_dataset
 from acol_core.data.shards import open_dataset
-from acol_core.export import load_exported
+from acol_core.export import MODEL_FILE, load_exported
 from acol_core.selection import select_epoch
 from acol_core.storage import join, list_dir, read_bytes, resolve
+from acol_core.train_session import RunOptions, TrainRunResult
 
 ray = pytest.importorskip("ray")
 
-from acol_core.jobs.train_run import (  # noqa: E402
-    HISTORY_FILE,
-    MODEL_FILE,
-    STATE_FILE,
-    RunOptions,
-    TrainRunResult,
-    build_datasets,
-    read_checkpoint_epochs,
-    run_training,
-)
+from acol_core.jobs.train_run import build_datasets, run_training  # noqa: E402
 from acol_core.train import load_checkpoint_bytes  # noqa: E402
 
 RUN_TIMEOUT_S = 240.0

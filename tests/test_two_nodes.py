@@ -32,8 +32,8 @@ import pytest
 import torch
 from ray_head import RAY, Head, Node, ray_head, ray_node
 
+from acol_core.checkpoints import STATE_FILE, read_checkpoint_epochs
 from acol_core.data.prepare import prepare_dataset
-from acol_core.jobs.train_run import STATE_FILE, read_checkpoint_epochs
 from acol_core.predictions import read_predictions
 from acol_core.storage import StorageError, join, read_bytes
 from acol_core.train import load_checkpoint_bytes

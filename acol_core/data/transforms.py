@@ -24,6 +24,7 @@ __all__ = [
     "augment_batch",
     "bias_field",
     "check_intensity",
+    "decode_batch",
     "decode_rows",
     "intensity_augment",
     "describe_norm",
@@ -163,6 +164,24 @@ def decode_rows(
         )
         out["anatomy_mask"] = anatomy
         out["fullsup"] = np.asarray(rows.get("fullsup", [False] * n), dtype=bool)
+    return out
+
+
+def decode_batch(
+    rows: Mapping[str, Sequence[Any]],
+    in_channels: int,
+    size: int,
+    augment: bool,
+    with_masks: bool,
+    intensity: float = 0.0,
+    norm: str = "phantom",
+    harmonize: str = "none",
+) -> dict[str, np.ndarray]:
+    """``decode_rows``, then with ``augment`` ``augment_batch`` with a fresh unseeded generator: the map
+    of a streamed split (Ray Data re-runs it every epoch, so each epoch sees new augmentations)."""
+    out = decode_rows(rows, in_channels, size, with_masks=with_masks, norm=norm, harmonize=harmonize)
+    if augment:
+        out = augment_batch(out, np.random.default_rng(), intensity=intensity, norm=norm)
     return out
 
 

@@ -58,7 +58,8 @@ def _run_cell(config: StudyConfig, storage: str, cell: StudyCell, echo: Callable
     """Train, localize and evaluate one cell, skipping each step whose output is already committed."""
     from acol_core.evaluate import evaluate_predictions
     from acol_core.jobs.localize_job import LocalizeOptions, run_localize
-    from acol_core.jobs.train_run import RunOptions, run_training
+    from acol_core.jobs.train_run import run_training
+    from acol_core.train_session import RunOptions
 
     data = config.data_uri(storage, cell.preset)
     root = config.cell_uri(storage, cell)

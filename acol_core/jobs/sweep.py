@@ -156,8 +156,9 @@ def _sweep_trial(params: dict[str, Any], settings: _TrialSettings) -> None:
     """The Tune function trainable: one Ray Train run named after the trial (a retry resumes it)."""
     import ray.tune
 
-    from acol_core.jobs.train_run import RunOptions, run_training
+    from acol_core.jobs.train_run import run_training
     from acol_core.storage import join
+    from acol_core.train_session import RunOptions
 
     trial_id = ray.tune.get_context().get_trial_id()
     done = read_completions(settings.sweep_uri, trial_id)
@@ -240,8 +241,8 @@ def run_sweep(space_file: str, options: SweepOptions) -> SweepResult:
     from ray.tune.search.optuna import OptunaSearch
 
     from acol_core.jobs import ray_init
-    from acol_core.jobs.train_run import check_run_name
     from acol_core.storage import absolute, check_reachable, join, resolve
+    from acol_core.train_session import check_run_name
 
     check_run_name(options.name, "sweep")
     space = load_space(space_file)

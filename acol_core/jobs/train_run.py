@@ -11,10 +11,10 @@ A cluster (``ray job submit`` sets RAY_ADDRESS for the entrypoint; storage on S3
 
 Every epoch each worker streams its share of the ``train`` rows (``get_dataset_shard("train")``,
 decoded and augmented in Ray Data ``map_batches`` tasks, locally shuffled with a per-epoch seed);
-rank 0 scores the ``val`` rows and reports a checkpoint: ``state.pt`` (model, optimiser, scheduler,
-epoch: what resuming needs), ``model.safetensors`` (the self-describing export ``localize`` loads) and
-``history.json`` (the metrics of every epoch so far). A run with the same name and storage resumes
-from its latest checkpoint; ``max_failures`` restarts the worker group after a worker dies.
+rank 0 scores the ``val`` rows and reports a checkpoint (``acol_core.checkpoints``: ``state.pt``,
+``model.safetensors``, ``history.json``). A run with the same name and storage resumes from its latest
+checkpoint; ``max_failures`` restarts the worker group after a worker dies. What the run trains and
+returns is decided without Ray (``acol_core.train_session``); this module is the Ray wiring.
 
 Training is class-balanced when the train split is imbalanced (``acol_core.balance``: minority rows
 repeated in the train stream, or loss weights; the decision is in the result and the export's metadata), and the checkpoint kept as best is the one
@@ -24,58 +24,40 @@ repeated in the train stream, or loss weights; the decision is in the result and
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import signal
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from acol_core.config import ConfigError, TrainConfig
-from acol_core.errors import RunFailure, UserError, one_line
-from acol_core.export import MODEL_FILE
-from acol_core.faults import fault_env, injected_fault
+from acol_core.checkpoints import read_checkpoint, read_history, write_checkpoint
+from acol_core.config import TrainConfig
+from acol_core.errors import RunFailure, one_line
+from acol_core.faults import fault_env, injected_fault, kill_after_batches
 from acol_core.jobs import parquet_reader_v1, ray_init
+from acol_core.train_session import (
+    RunOptions,
+    TrainRunResult,
+    checkpoint_due,
+    plan_run,
+    shuffle_buffer_rows,
+    shuffle_seed,
+    summarize_run,
+    val_fits_in_memory,
+)
 
 __all__ = [
-    "HISTORY_FILE",
-    "MODEL_FILE",
     "RETENTION_METRIC",
-    "STATE_FILE",
-    "CheckpointError",
-    "RunOptions",
-    "TrainRunResult",
     "TrainingError",
     "build_datasets",
-    "load_checkpoint_state",
-    "read_checkpoint_epochs",
     "run_training",
     "train_loop_per_worker",
 ]
 
-STATE_FILE = "state.pt"
-HISTORY_FILE = "history.json"
 # Ray keeps checkpoints ranked by this reported number (selection.retention_score), not by a raw metric.
 RETENTION_METRIC = "retention_score"
 _COLUMNS = ["image", "label", "mask", "anatomy_mask", "fullsup"]
 _VAL_BATCH = 64
-_FAULT_DELAY_S = 3.0
-_SHUFFLE_ROWS = 512  # rows in each worker's local shuffle buffer (at least)
-# Rank 0 reads the decoded val rows once, before training, when they fit in this: a Ray Data execution
-# per epoch cost ~3 s of start-up for the demo's 120 val rows (a third of a tiny-backbone epoch).
-VAL_CACHE_BYTES = 256 * 2**20
-_CHECKPOINT_DIR = re.compile(r"^checkpoint_\d")  # Ray Train's names: checkpoint_<timestamp>
-
-
-class CheckpointError(UserError, ValueError):
-    """A ``state.pt`` this code did not write (a pickle with objects in it) or a damaged one."""
 
 
 class TrainingError(RunFailure, RuntimeError):
@@ -85,89 +67,7 @@ class TrainingError(RunFailure, RuntimeError):
     """
 
 
-@dataclass
-class RunOptions:
-    """Where and how a training run executes (everything but the model/optimiser config).
-
-    Args:
-        keep_checkpoints: how many checkpoints to keep, the selection rule's latest choices (the
-            latest checkpoint is always kept too, for resuming); None keeps all.
-        score_metric: the localisation metric of the selection rule (``acol_core.selection``); None:
-            ``val_pxap`` when the dataset has ``fullsup`` rows, else ``val_balanced_accuracy``.
-        deterministic: the same rows in the same order on the same worker every run (Ray Data keeps
-            block order; costs some throughput). With ``augment=False`` two runs with one seed then give
-            the same weights, resumed or not.
-        placement_strategy: Ray's placement-group strategy for the workers (see the field).
-        extra_env: environment variables for the train workers (on a cluster whose nodes lack them).
-        callbacks: Ray Train ``UserCallback``s, passed to ``RunConfig(callbacks=...)`` (the sweep's trial
-            reporter is one; Train V2 takes user callbacks only there).
-        progress: called in this process with each epoch's metrics (plus ``epochs``, the plan) as rank 0
-            reports them, e.g. ``acol_core.console.EpochProgress``.
-    """
-
-    data: str
-    storage: str
-    name: str = "acol-train"
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 0.5
-    max_failures: int = 1
-    keep_checkpoints: int | None = 2
-    score_metric: str | None = None
-    deterministic: bool = False
-    extra_env: dict[str, str] = field(default_factory=dict)
-    callbacks: list[Any] = field(default_factory=list)
-    progress: Callable[[dict[str, Any]], None] | None = None
-    # How Ray places the workers' bundles: PACK (default), SPREAD (over nodes, best effort: a run that
-    # lost a node restarts on the rest) or STRICT_SPREAD (one worker per node).
-    placement_strategy: str = "PACK"
-
-
-@dataclass
-class TrainRunResult:
-    """Where a finished run's outputs are (URIs on the run's storage) and its metrics."""
-
-    run_uri: str
-    checkpoint_uri: str | None  # the checkpoint the selection rule keeps
-    model_uri: str | None  # model.safetensors inside it
-    latest_checkpoint_uri: str | None
-    metrics: dict[str, Any]  # the kept checkpoint's metrics
-    history: list[dict[str, float]]  # every epoch's metrics, from the latest checkpoint
-    selection: dict[str, Any] = field(default_factory=dict)  # selection.Selection.to_dict()
-    class_balance: dict[str, Any] = field(default_factory=dict)  # balance.ClassBalance.to_dict()
-
-
 # --------------------------------------------------------------------------- data
-
-
-def _decode(
-    batch: dict[str, np.ndarray],
-    in_channels: int,
-    size: int,
-    augment: bool,
-    with_masks: bool,
-    intensity: float = 0.0,
-    norm: str = "phantom",
-    harmonize: str = "none",
-) -> dict:
-    from acol_core.data.transforms import augment_batch, decode_rows
-
-    out = decode_rows(batch, in_channels, size, with_masks=with_masks, norm=norm, harmonize=harmonize)
-    if augment:
-        # Unseeded on purpose: each epoch re-runs this task, so each epoch sees new augmentations.
-        out = augment_batch(out, np.random.default_rng(), intensity=intensity, norm=norm)
-    return out
-
-
-def _repeat_rows(batch: dict[str, np.ndarray], factors: list[float]) -> dict[str, np.ndarray]:
-    """Each row as many times as its class's sampling factor (``balance.repeat_counts``), before
-    decoding, so that every copy is decoded and augmented on its own."""
-    from acol_core.balance import repeat_counts
-
-    # Unseeded on purpose, like the augmentation: each epoch re-runs this task and draws anew.
-    counts = repeat_counts(batch["label"], factors, np.random.default_rng())
-    index = np.repeat(np.arange(len(counts)), counts)
-    return {k: np.asarray(v)[index] for k, v in batch.items()}
 
 
 def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = False) -> dict[str, Any]:
@@ -177,12 +77,14 @@ def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = Fal
     ``read_parquet(filter=...)`` and pushes this expression down to the Parquet scan instead.
     Without ``deterministic`` the shard files are read in a new random order every epoch. With
     ``config.sampling_factors`` (class_balance sampler) the train rows are repeated by class before they
-    are decoded; the workers' local shuffle then spreads the copies over the epoch.
+    are decoded (``balance.repeat_rows``); the workers' local shuffle then spreads the copies over the epoch.
     """
     import ray.data
     from ray.data.expressions import col, lit
 
+    from acol_core.balance import repeat_rows
     from acol_core.data.shards import open_dataset
+    from acol_core.data.transforms import decode_batch
 
     # The manifest proves the dataset complete; hashing every shard here would read it all twice.
     dataset = open_dataset(data_uri, verify=False)
@@ -197,13 +99,13 @@ def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = Fal
         ds = ds.filter(expr=col("split") == lit(split)).select_columns(_COLUMNS)
         if split == "train" and config.sampling_factors is not None:
             ds = ds.map_batches(
-                _repeat_rows,
+                repeat_rows,
                 fn_kwargs={"factors": list(config.sampling_factors)},
                 batch_format="numpy",
                 batch_size=_VAL_BATCH,
             )
         datasets[split] = ds.map_batches(
-            _decode,
+            decode_batch,
             fn_kwargs={
                 "in_channels": config.channels,
                 "size": config.image_size,
@@ -222,25 +124,6 @@ def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = Fal
 # --------------------------------------------------------------------------- the worker
 
 
-def load_checkpoint_state(data: bytes, where: str) -> dict:
-    """A ``state.pt``'s contents: tensors and plain values only, never unpickled objects.
-
-    Raises:
-        CheckpointError: one line naming ``where``, for a foreign pickle or a damaged file.
-    """
-    import pickle
-
-    from acol_core.train import load_checkpoint_bytes
-
-    try:
-        return load_checkpoint_bytes(data)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"{where}: not a checkpoint this code wrote, or damaged ({type(exc).__name__}: {reason})"
-        ) from exc
-
-
 def _restore() -> tuple[dict | None, list[dict[str, float]]]:
     """The latest checkpoint's state and metric history (a restarted or resumed run), else (None, [])."""
     import ray.train
@@ -249,49 +132,7 @@ def _restore() -> tuple[dict | None, list[dict[str, float]]]:
     if checkpoint is None:
         return None, []
     with checkpoint.as_directory() as folder:
-        where = f"{checkpoint.path}/{STATE_FILE}"
-        state = load_checkpoint_state((Path(folder) / STATE_FILE).read_bytes(), where)
-        history_path = Path(folder) / HISTORY_FILE
-        history = json.loads(history_path.read_text()) if history_path.exists() else []
-    return state, history
-
-
-def _inject_fault(batches: Iterable[dict], fault: dict[str, Any]) -> Iterator[dict]:
-    """TEST ONLY (``acol_core.faults``): die by SIGKILL (no cleanup, like an OOM kill) after
-    ``after_batches`` batches, once."""
-    marker = Path(fault["marker"])
-    for index, batch in enumerate(batches):
-        if index == int(fault["after_batches"]) and not marker.exists():
-            marker.touch()  # first: the restarted attempt must run through
-            # A crash mid-epoch, not at its start: Train V2's controller collects reports by polling,
-            # and a worker killed within a moment of its last report (an epoch start with no wait
-            # for data) can take that report with it; the run then redoes the epoch.
-            time.sleep(_FAULT_DELAY_S)
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield batch
-
-
-def _write_checkpoint(
-    folder: Path,
-    state: dict,
-    config: TrainConfig,
-    class_names: list[str],
-    history: list[dict[str, float]],
-    class_balance: dict[str, Any] | None = None,
-) -> None:
-    from acol_core.export import export_bytes
-    from acol_core.train import checkpoint_bytes
-
-    (folder / STATE_FILE).write_bytes(checkpoint_bytes(state))
-    model_bytes = export_bytes(
-        _StateModule(state["model"]),
-        config,
-        class_names,
-        epoch=int(state["epoch"]),
-        class_balance=class_balance or {},
-    )
-    (folder / MODEL_FILE).write_bytes(model_bytes)
-    (folder / HISTORY_FILE).write_text(json.dumps(history, indent=1))
+        return read_checkpoint(Path(folder), checkpoint.path)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -313,18 +154,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return train_shard.iter_batches(
             batch_size=config.batch_size,
             batch_format="numpy",
-            # Shards hold rows in subject order: a window of a few batches gave batches of a few subjects
-            # each, and the phantom's models learned far more slowly than with a full shuffle in-process.
-            local_shuffle_buffer_size=max(4 * config.batch_size, _SHUFFLE_ROWS),
-            # Seeded by epoch (not by how often this worker group iterated): a resumed epoch sees the
-            # order the uninterrupted run would have seen.
-            local_shuffle_seed=config.seed * 1000 + epoch * 10 + rank,
+            local_shuffle_buffer_size=shuffle_buffer_rows(config),
+            local_shuffle_seed=shuffle_seed(config, epoch, rank),
         )
 
     has_val = bool(loop_config.get("has_val"))
-    size = config.image_size
-    row_bytes = config.channels * size * size * 4 + 2 * size * size + 16
-    val_cached = has_val and loop_config.get("val_rows", 0) * row_bytes <= VAL_CACHE_BYTES
+    val_cached = has_val and val_fits_in_memory(config, loop_config.get("val_rows", 0))
     # Each epoch's Ray Data execution starts while the previous epoch validates and checkpoints, unless
     # validation itself reads through Ray Data: two executions at once (the val read and the next
     # epoch's stream) stalled each other for ~25 s on 2 CPUs.
@@ -334,7 +169,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def train_batches(epoch: int) -> Iterable[dict]:
         batches = source(epoch)
         if fault and fault["rank"] == rank and fault["epoch"] == epoch:
-            return _inject_fault(batches, fault)
+            return kill_after_batches(batches, fault)
         return batches
 
     val_batches: Callable[[], Iterable[dict]] | None = None
@@ -362,13 +197,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         history.append(dict(metrics))
         if progress_queue is not None and rank == 0:
             _publish_progress(progress_queue, {**metrics, "epochs": config.epochs})
-        due = (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs
-        if rank != 0 or not due:
+        if rank != 0 or not checkpoint_due(config, epoch):
             ray.train.report(metrics, checkpoint=None)
             return
         metrics = {**metrics, RETENTION_METRIC: retention_score(history, loop_config["score_metric"])}
         with tempfile.TemporaryDirectory() as folder:
-            _write_checkpoint(
+            write_checkpoint(
                 Path(folder), state(), config, class_names, history, loop_config.get("class_balance")
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -438,16 +272,6 @@ class _ProgressRelay:
         self.queue.shutdown(force=True)
 
 
-class _StateModule:
-    """Just enough of an nn.Module for ``export_bytes``: a state dict."""
-
-    def __init__(self, state: dict) -> None:
-        self._state = state
-
-    def state_dict(self) -> dict:
-        return self._state
-
-
 # --------------------------------------------------------------------------- the driver
 
 
@@ -457,76 +281,22 @@ def _worker_env(extra_env: dict[str, str]) -> dict[str, Any] | None:
     return {"env_vars": env} if env else None
 
 
-def check_run_name(name: str, what: str = "run") -> str:
-    """``name`` if it is a plain folder name (it becomes ``<storage>/<name>``: no '/', not '..'), else raise."""
-    if not name or name in (".", "..") or re.search(r"[/\\\x00]", name):
-        raise ConfigError(f"{what} name must be a plain folder name (no '/', not '..'), got {name!r}")
-    return name
-
-
-def _check_inputs(config: TrainConfig, options: RunOptions) -> None:
-    """Fail in the driver with one clear line, before Ray starts workers that would fail obscurely."""
-    from acol_core.models import list_models
-    from acol_core.storage import check_reachable
-
-    if options.workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {options.workers}")
-    if options.cpus_per_worker <= 0 or options.gpus_per_worker < 0:
-        raise ConfigError("cpus_per_worker must be > 0 and gpus_per_worker >= 0")
-    if config.model not in list_models():
-        raise ConfigError(f"unknown model {config.model!r} (known: {', '.join(list_models())})")
-    if options.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        raise ConfigError(
-            f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {options.placement_strategy!r}"
-        )
-    # The name is a folder under the storage: one plain path component, so a run stays inside it.
-    check_run_name(options.name)
-    check_reachable(options.storage)
-    if config.pretrained:
-        from acol_core.models.pretrained import check_pretrained
-
-        check_pretrained(config.pretrained)
-
-
 def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
     """Run (or resume: same name + storage) one TorchTrainer; returns where the results are."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from acol_core.balance import apply_class_balance
-    from acol_core.data.shards import read_manifest
-    from acol_core.selection import BALANCED_ACCURACY
     from acol_core.storage import resolve
 
-    _check_inputs(config, options)
-    manifest = read_manifest(options.data)
-    if not manifest.split_counts.get("train"):
-        raise ValueError(f"{options.data}: the dataset has no 'train' rows")
-    if len(manifest.class_names) != config.num_classes:
-        config = config.replace(
-            num_classes=len(manifest.class_names), class_weights=None, sampling_factors=None
-        )
-    if config.in_channels is None:
-        # Datasets prepared before the manifest recorded channels: 1 (images are then averaged).
-        config = config.replace(in_channels=int(manifest.preparation.get("channels", 1)))
-    config, balance = apply_class_balance(config, _train_class_counts(options.data, manifest))
+    plan = plan_run(config, options)
     ray_init()
-    datasets = build_datasets(options.data, config, options.deterministic)
-    has_val = "val" in datasets
-    score = options.score_metric or ("val_pxap" if manifest.counts.get("fullsup") else BALANCED_ACCURACY)
+    datasets = build_datasets(options.data, plan.config, options.deterministic)
     fs, storage_path = resolve(options.storage)
     use_gpu = options.gpus_per_worker > 0
     resources = {"CPU": options.cpus_per_worker} | ({"GPU": options.gpus_per_worker} if use_gpu else {})
     execution = ray.data.ExecutionOptions(preserve_order=options.deterministic)
-    loop_config = {
-        "train": config.to_dict(),
-        "class_names": list(manifest.class_names),
-        "has_val": has_val,
-        "val_rows": manifest.split_counts.get("val", 0),
-        "score_metric": score,
-        "class_balance": balance.to_dict(),
-    }
+    loop_config = plan.loop_config(has_val="val" in datasets)
     relay = _ProgressRelay(options.progress)
     if relay.queue is not None:
         loop_config["_progress"] = relay.queue
@@ -564,65 +334,10 @@ def run_training(config: TrainConfig, options: RunOptions) -> TrainRunResult:
             f"run {options.name!r} failed: {one_line(exc)} (its checkpoints are kept under "
             f"{options.storage}: run the same command again to resume)"
         ) from exc
-    summary = _summarize(result, options, score)
-    summary.class_balance = balance.to_dict()
-    return summary
-
-
-def _summarize(result: Any, options: RunOptions, score: str) -> TrainRunResult:
-    from acol_core.selection import select_epoch
-    from acol_core.storage import join, uri_for_path
-
-    def uri(checkpoint: Any) -> str | None:
-        return uri_for_path(options.storage, checkpoint.path) if checkpoint else None
-
     history: list[dict[str, float]] = []
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as folder:
-            path = Path(folder) / HISTORY_FILE
-            history = json.loads(path.read_text()) if path.exists() else []
-    kept = {int(m.get("epoch", -1)): (c, m) for c, m in (result.best_checkpoints or [])}
-    selection = select_epoch(history, metric=score, available=kept)
-    best, best_metrics = kept.get(selection.epoch, (None, {})) if selection.epoch is not None else (None, {})
-    best_uri = uri(best)
-    return TrainRunResult(
-        run_uri=join(options.storage, options.name),
-        checkpoint_uri=best_uri,
-        model_uri=join(best_uri, MODEL_FILE) if best_uri else None,
-        latest_checkpoint_uri=uri(result.checkpoint),
-        metrics=dict(best_metrics),
-        history=history,
-        selection=selection.to_dict(),
-    )
-
-
-def _train_class_counts(data_uri: str, manifest: Any) -> list[int]:
-    """Train rows per class: the manifest's counts, else (an older manifest) the train labels, read once."""
-    from acol_core.balance import train_class_counts
-    from acol_core.data.shards import open_dataset
-
-    counts = train_class_counts(manifest.counts.get("split_class", {}), manifest.class_names)
-    if sum(counts) == manifest.split_counts.get("train", 0):
-        return counts
-    labels = open_dataset(data_uri, verify=False).read_table("train", columns=["label"])["label"]
-    values = np.asarray(labels.to_numpy(zero_copy_only=False))
-    return [int((values == k).sum()) for k in range(len(manifest.class_names))]
-
-
-def read_checkpoint_epochs(run_uri: str) -> dict[str, int]:
-    """``{checkpoint folder name: epoch}`` for the complete checkpoints under a run (from ``state.pt``).
-
-    A folder without all of a checkpoint's files (an upload cut short by a storage outage or a killed
-    driver; Ray never registered it) is skipped: it is not a checkpoint to resume from. Ray resumes from
-    what its ``checkpoint_manager_snapshot.json`` registered, which a folder's presence does not prove:
-    the workers of a killed driver may finish an upload nobody registers.
-    """
-    from acol_core.storage import join, list_dir, read_bytes
-
-    epochs = {}
-    for name in list_dir(run_uri):
-        folder = join(run_uri, name)
-        if _CHECKPOINT_DIR.match(name) and {STATE_FILE, MODEL_FILE, HISTORY_FILE} <= set(list_dir(folder)):
-            state_uri = join(folder, STATE_FILE)
-            epochs[name] = int(load_checkpoint_state(read_bytes(state_uri), state_uri)["epoch"])
-    return epochs
+            history = read_history(Path(folder))
+    kept = [(c.path if c else None, m) for c, m in (result.best_checkpoints or [])]
+    latest = result.checkpoint.path if result.checkpoint else None
+    return summarize_run(options, plan.score_metric, history, kept, latest, plan.balance)

@@ -35,8 +35,10 @@ ray = pytest.importorskip("ray")
 from faultkit import ACOL, readable_forms  # noqa: E402
 
 from acol_core.batch_localize import localize_plain  # noqa: E402
+from acol_core.checkpoints import read_checkpoint_epochs  # noqa: E402
 from acol_core.jobs.localize_job import ACTOR_RESTARTS, LocalizeError, LocalizeOptions, run_localize  # noqa: E402
-from acol_core.jobs.train_run import RunOptions, TrainingError, read_checkpoint_epochs, run_training  # noqa: E402
+from acol_core.jobs.train_run import TrainingError, run_training  # noqa: E402
+from acol_core.train_session import RunOptions  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

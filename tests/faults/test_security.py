@@ -20,19 +20,18 @@ import torch
 import yaml
 from PIL import Image
 
-from acol_core.config import TrainConfig
-from acol_core.data.schema import Record, Reject
-from acol_core.data.shards import write_dataset
-from acol_core.data.sources import get_source
-from acol_core.export import export_bytes
-from acol_core.jobs.train_run import (
+from acol_core.checkpoints import (
     HISTORY_FILE,
-    MODEL_FILE,
     STATE_FILE,
     CheckpointError,
     load_checkpoint_state,
     read_checkpoint_epochs,
 )
+from acol_core.config import TrainConfig
+from acol_core.data.schema import Record, Reject
+from acol_core.data.shards import write_dataset
+from acol_core.data.sources import get_source
+from acol_core.export import MODEL_FILE, export_bytes
 from acol_core.models import create_model
 from acol_core.predictions import encode_cam, encode_mask, predictions_to_nifti, write_predictions
 from acol_core.train import checkpoint_bytes
