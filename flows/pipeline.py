@@ -65,12 +65,16 @@ SWEEP_LABEL = "sweep-best"  # the run's label of the sweep's best model
 
 # δ = 0.9 for ACoL on the phantom: its lesions are compact, and with the paper's δ = 0.6 branch A erases
 # the whole lesion, so branch B learns the rest of the brain and the fused map loses to A alone
-# (scripts/acol_fusion_study.py; figures in the README).
+# (scripts/acol_fusion_study.py); the fusion is chosen on val rows (fusion: auto).
 DEMO_MODELS: list[dict[str, Any]] = [
     {"label": "cam", "model": "cam", "options": {}},
-    {"label": "acol", "model": "acol", "options": {"delta": 0.9}},
+    {"label": "acol", "model": "acol", "options": {"delta": 0.9, "fusion": "auto"}},
     {"label": "coatt", "model": "coatt", "options": {"pair_policy": "different"}},
-    {"label": "acol_coatt", "model": "acol_coatt", "options": {"delta": 0.9, "pair_policy": "different"}},
+    {
+        "label": "acol_coatt",
+        "model": "acol_coatt",
+        "options": {"delta": 0.9, "pair_policy": "different", "fusion": "auto"},
+    },
 ]
 
 # The demo's recipe (tiny backbone, 96 px): lr 0.02 with heads at 1x from scratch (at 0.01 the CAM reached
@@ -149,7 +153,7 @@ def check_models(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
         raise ValueError("models: give at least one model")
     checked, seen = [], set()
     for index, spec in enumerate(models):
-        unknown = set(spec) - {"label", "model", "options", "epochs", "reuse", "localize"}
+        unknown = set(spec) - {"label", "model", "options", "epochs", "train", "reuse", "localize"}
         if unknown:
             raise ValueError(f"models[{index}]: unknown key(s) {', '.join(sorted(unknown))}")
         reuse = spec.get("reuse")
@@ -167,6 +171,15 @@ def check_models(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
         name = spec.get("model")
         if name not in list_models():
             raise ValueError(f"models[{index}]: unknown model {name!r} (known: {', '.join(list_models())})")
+        if spec.get("train"):
+            from acol_core.config import ConfigError, TrainConfig
+
+            try:
+                TrainConfig.from_dict(
+                    {**spec["train"], "model": name, "model_options": spec.get("options") or {}}
+                )
+            except (ConfigError, TypeError) as exc:
+                raise ValueError(f"models[{index}]: train: {exc}") from exc
         label = check_label(str(spec.get("label") or name))
         if label in seen:
             raise ValueError(f"models[{index}]: label {label!r} used twice")
@@ -177,6 +190,7 @@ def check_models(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "model": name,
                 "options": dict(spec.get("options") or {}),
                 **({"epochs": int(spec["epochs"])} if spec.get("epochs") else {}),
+                **({"train": dict(spec["train"])} if spec.get("train") else {}),
                 **({"reuse": reuse} if reuse else {}),
                 **({"localize": localize} if localize else {}),
             }
@@ -219,7 +233,7 @@ def check_sweep(sweep: dict[str, Any] | None, labels: list[str]) -> dict[str, An
 def _train_config(spec: dict[str, Any], train: dict[str, Any]) -> Any:
     from acol_core.config import TrainConfig
 
-    settings = {**train, **({"epochs": spec["epochs"]} if "epochs" in spec else {})}
+    settings = {**train, **spec.get("train", {}), **({"epochs": spec["epochs"]} if "epochs" in spec else {})}
     return TrainConfig.from_dict({**settings, "model": spec["model"], "model_options": spec["options"]})
 
 
@@ -378,7 +392,8 @@ def pipeline(
         run_uri: the run folder (path or s3://); ``run.json`` is rewritten stage by stage.
         source, input_uri, source_options: what ``acol prepare`` takes (ignored with ``data_uri``).
         data_uri: an existing dataset to use instead of preparing one into ``<run>/data``.
-        models: ``[{"label", "model", "options", "epochs"?}]``; default: cam, acol, coatt, acol_coatt.
+        models: ``[{"label", "model", "options", "epochs"?, "train"?}]`` (``train``: TrainConfig fields
+            of this model only); default: cam, acol, coatt, acol_coatt.
         train: ``TrainConfig`` fields shared by every model (backbone, epochs, image_size, batch_size, ...).
         sweep: ``{"space": YAML file or dict, "trials": N, "name": "delta", "max_concurrent_trials"?}``.
         workers: Ray Train workers per model.

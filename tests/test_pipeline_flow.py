@@ -56,6 +56,10 @@ BAD_PARAMS = {
     "label_escapes": ({"models": [{"model": "cam", "label": "../cam"}]}, "model label '../cam'"),
     "unknown_key": ({"models": [{"model": "cam", "delta": 0.5}]}, "models[0]: unknown key(s) delta"),
     "train_key": ({"train": {"epoch": 2}}, "unknown config keys: epoch"),
+    "model_train_key": (
+        {"models": [{"model": "cam", "train": {"harmonize": "n4"}}]},
+        "models[0]: train: harmonize must be none or brain",
+    ),
     "gpus": ({"gpus_per_worker": -1}, "gpus_per_worker must be >= 0"),
     "reuse_unknown": (
         {"models": [{"model": "cam", "reuse": "acol"}]},
