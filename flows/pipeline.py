@@ -61,6 +61,7 @@ __all__ = ["PRESETS", "SWEEP_LABEL", "check_models", "check_sweep", "main", "pip
 _TASK = {"cache_policy": NO_CACHE, "persist_result": False}
 _MODELS = ("cam", "acol", "coatt", "acol_coatt")
 _SWEEP_KEYS = {"space", "trials", "name", "max_concurrent_trials"}
+_PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement-group strategies
 SWEEP_LABEL = "sweep-best"  # the run's label of the sweep's best model
 
 # δ = 0.9 for ACoL on the phantom: its lesions are compact, and with the paper's δ = 0.6 branch A erases
@@ -261,6 +262,7 @@ def train_task(
     train: dict[str, Any],
     workers: int,
     gpus_per_worker: float = 0.0,
+    placement_strategy: str = "PACK",
 ) -> dict[str, Any]:
     """One Ray Train run; its best checkpoint's export copied to ``<run>/models/<label>.safetensors``."""
     from acol_core.console import EpochProgress
@@ -275,6 +277,7 @@ def train_task(
         name=spec["label"],
         workers=workers,
         gpus_per_worker=gpus_per_worker,
+        placement_strategy=placement_strategy,
     )
     with EpochProgress(f"train {spec['label']}", config.epochs) as progress:
         options.progress = progress
@@ -335,14 +338,20 @@ def sweep_task(
 
 @task(name="localize", task_run_name="localize-{label}", **_TASK)
 def localize_task(
-    run_uri: str, data_uri: str, label: str, model: str, options: dict[str, Any] | None = None
+    run_uri: str,
+    data_uri: str,
+    label: str,
+    model: str,
+    options: dict[str, Any] | None = None,
+    actors: int = 1,
 ) -> str:
     """Ray Data batch inference of one model over the val and test rows into ``<run>/predictions/<label>``
     (``options``: the model entry's localize options, e.g. ``{"gate": "anatomy"}``)."""
     from acol_core.jobs.localize_job import LocalizeOptions, run_localize
 
     output = predictions_uri(run_uri, label)
-    result = run_localize(LocalizeOptions(model, data_uri, output, split="val,test", **(options or {})))
+    settings = LocalizeOptions(model, data_uri, output, split="val,test", actors=actors, **(options or {}))
+    result = run_localize(settings)
     get_run_logger().info("localized %s: %d rows in %.0f s", label, result.info.num_rows, result.seconds)
     return output
 
@@ -384,6 +393,8 @@ def pipeline(
     seed: int = 0,
     fullsup_per_class: int = 5,
     gpus_per_worker: float = 0.0,
+    placement_strategy: str = "PACK",
+    actors: int = 1,
 ) -> dict[str, Any]:
     """Run every stage for one dataset into the run folder ``run_uri``; returns the run record and the
     report's URI.
@@ -401,6 +412,9 @@ def pipeline(
             DDP then uses NCCL and bf16 autocast). Localization takes the cluster's GPUs when it has some.
         seed: the dataset's split and phantom, the training runs' (unless ``train`` sets one), the sweep's.
         fullsup_per_class: val rows per class whose masks choose checkpoints, δ and thresholds.
+        placement_strategy: how Ray places each training run's workers: PACK, SPREAD (over the nodes,
+            best effort), STRICT_PACK or STRICT_SPREAD (one worker per node).
+        actors: Ray Data actors per localization (each holds a copy of the model; spread over nodes).
     """
     log = get_run_logger()
     # Every parameter is checked before any work: a bad one fails the run with one clear line.
@@ -413,6 +427,12 @@ def pipeline(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not gpus_per_worker >= 0:
         raise ValueError(f"gpus_per_worker must be >= 0, got {gpus_per_worker}")
+    if placement_strategy not in _PLACEMENTS:
+        raise ValueError(
+            f"placement_strategy must be one of {', '.join(_PLACEMENTS)}, got {placement_strategy!r}"
+        )
+    if actors < 1:
+        raise ValueError(f"actors must be >= 1, got {actors}")
     sweep = check_sweep(sweep, [spec["label"] for spec in specs])
     from acol_core.jobs import ray_init
     from acol_core.storage import check_reachable
@@ -446,7 +466,9 @@ def pipeline(
                 model_uri=twin.model_uri, source=f"reuse:{spec['reuse']}", localize=spec.get("localize", {}),
             )  # fmt: skip
             continue
-        trained = train_task(run_uri, record.data_uri, spec, train, workers, gpus_per_worker)
+        trained = train_task(
+            run_uri, record.data_uri, spec, train, workers, gpus_per_worker, placement_strategy
+        )
         record.models[spec["label"]] = ModelEntry(
             model=spec["model"], options=spec["options"], localize=spec.get("localize", {}), **trained
         )
@@ -472,7 +494,7 @@ def pipeline(
     log.info("stage localize: %d models", len(record.models))
     for label, entry in record.models.items():
         entry.predictions_uri = localize_task(
-            run_uri, record.data_uri, label, entry.model_uri, entry.localize
+            run_uri, record.data_uri, label, entry.model_uri, entry.localize, actors
         )
         write_run(run_uri, record)
     _stage(record, run_uri, "localize", started)

@@ -11,26 +11,22 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import signal
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prefect_server import PREFECT, prefect_env, prefect_server_at, run, start, stop
+from pipeline_deployment import (
+    SMOKE_MODELS,
+    SMOKE_SPECS,
+    STAGES,
+    assert_complete_run,
+    pipeline_worker,
+    worker_env,
+)
+from prefect_server import prefect_env, prefect_server_at, run
 from ray_head import ray_head
-
-from acol_core.runs import read_run
-
-# The smoke preset's models (flows.pipeline is not imported here: Prefect reads its settings on import).
-SMOKE_SPECS = [
-    {"label": "cam", "model": "cam", "options": {}},
-    {"label": "acol", "model": "acol", "options": {"delta": 0.9}},
-    {"label": "cam+gate", "model": "cam", "options": {}, "reuse": "cam", "localize": {"gate": "anatomy"}},
-]
-SMOKE_MODELS = [spec["label"] for spec in SMOKE_SPECS]
-STAGES = {"preprocess", "train", "localize", "evaluate", "report"}
 
 # Each case runs the flow in one process (one ephemeral API); none may leave a run folder behind.
 _BAD_PARAMS_SCRIPT = """
@@ -69,6 +65,8 @@ BAD_PARAMS = {
     "bad_delta": ({"models": [{"model": "acol", "options": {"delta": 1.5}}]}, "delta must be in (0, 1)"),
     "sweep_space": ({"sweep": {"trials": 2}}, "sweep: give 'space'"),
     "sweep_inline": ({"sweep": {"space": {"params": {}}}}, "params must be a non-empty mapping"),
+    "placement": ({"placement_strategy": "ANY"}, "placement_strategy must be one of PACK, SPREAD"),
+    "actors": ({"actors": 0}, "actors must be >= 1, got 0"),
     "sweep_label": (
         {"models": [{"model": "cam", "label": "sweep-best"}], "sweep": {"space": "tune/spaces/smoke.yaml"}},
         "the label 'sweep-best' is kept",
@@ -85,44 +83,13 @@ def _ray_tmpdir() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _assert_complete_run(run_uri: str, labels: list[str]) -> dict:
-    """Every stage's output for every model; returns the report's summary (label -> column -> value)."""
-    record = read_run(run_uri)
-    assert list(record.models) == labels
-    assert set(record.stages) == STAGES and all(seconds >= 0 for seconds in record.stages.values())
-    for label, entry in record.models.items():
-        trained = entry.source.removeprefix("reuse:") if entry.source.startswith("reuse:") else label
-        assert (
-            entry.model_uri == f"{run_uri}/models/{trained}.safetensors" and Path(entry.model_uri).is_file()
-        )
-        assert entry.predictions_uri == f"{run_uri}/predictions/{label}"
-        assert (Path(entry.predictions_uri) / "_SUCCESS.json").is_file()
-        assert entry.evaluation_uri == f"{run_uri}/evaluation/{label}.json"
-        evaluation = json.loads(Path(entry.evaluation_uri).read_text())
-        assert evaluation["split"] == "test" and evaluation["rows"] > 0
-        assert 0.0 <= evaluation["localization"]["overall"]["pxap"] <= 1.0
-        assert evaluation["thresholds"]["fullsup_val_rows"] > 0  # thresholds chosen on fullsup val rows
-        # The phantom's subjects are volumes: their per-subject CSV lies beside the JSON.
-        csv_uri = f"{run_uri}/evaluation/{label}.subjects.csv"
-        assert evaluation["subjects"]["csv"] == csv_uri and Path(csv_uri).read_text().startswith(
-            "subject_id,"
-        )
-        assert entry.epochs == 1 and entry.backbone == "tiny" and entry.source in ("train", "reuse:cam")
-        if entry.localize.get("gate") == "anatomy":  # localized with the anatomy gate: recorded, applied
-            success = json.loads((Path(entry.predictions_uri) / "_SUCCESS.json").read_text())
-            assert success["extra"]["gate"] == "anatomy", success
-    page = (Path(run_uri) / "report" / "index.html").read_text()
-    assert all(f"<td>{label}</td>" in page for label in labels) and "centre-gaussian" in page
-    return json.loads((Path(run_uri) / "report" / "summary.json").read_text())
-
-
 def test_local_run_of_the_smoke_preset_writes_every_stage(tmp_path: Path) -> None:
     run_uri = str(tmp_path / "run")
     with _ray_tmpdir() as ray_tmp:
         env = prefect_env(tmp_path / "home", None) | {"RAY_TMPDIR": ray_tmp}
         done = run([sys.executable, "-m", "flows.pipeline", "--preset", "smoke", "--run", run_uri], env, 600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    summary = _assert_complete_run(run_uri, SMOKE_MODELS)
+    summary = assert_complete_run(run_uri, SMOKE_MODELS)
     # Stage progress is logged with elapsed seconds.
     for stage in STAGES:
         assert f"stage {stage} done in " in done.stdout + done.stderr
@@ -183,42 +150,18 @@ def test_train_and_sweep_tasks_pass_gpus_per_worker_on(tmp_path: Path) -> None:
 def test_deployment_runs_on_a_worker_against_a_ray_head(tmp_path: Path) -> None:
     run_uri = str(tmp_path / "run")
     with ray_head(num_cpus=2) as head, prefect_server_at(tmp_path) as (env, root):
-        # The worker, and the flow runs it starts, reach the head with its token; RAY_ADDRESS=auto finds
-        # the head through its RAY_TMPDIR. This process's own token is not passed on.
-        worker_env = {k: v for k, v in env.items() if not k.startswith("RAY_")}
-        worker_env |= {k: v for k, v in head.env.items() if k.startswith("RAY_")}
-        worker_env |= {"RAY_AUTH_TOKEN": head.token, "RAY_ADDRESS": "auto"}
-        for cmd in (
-            [PREFECT, "work-pool", "create", "acol-process", "--type", "process", "--overwrite"],
-            [
-                PREFECT,
-                "--no-prompt",
-                "deploy",
-                "--prefect-file",
-                "flows/prefect.yaml",
-                "--name",
-                "pipeline-phantom",
-            ],
-        ):
-            done = run(cmd, env, timeout=120)
-            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        log = root / "worker.log"
-        worker = start([PREFECT, "worker", "start", "--pool", "acol-process"], worker_env, log)
-        try:
-            params = {
-                "run_uri": run_uri,
-                "source_options": {"num_subjects": 12, "slices_per_subject": 4, "size": 32},
-                "models": SMOKE_SPECS,
-                "train": {"epochs": 1, "image_size": 32, "augment": False},
-            }
-            cmd = [PREFECT, "deployment", "run", "pipeline/pipeline-phantom", "--params", json.dumps(params)]
-            done = run([*cmd, "--watch", "--watch-timeout", "500"], env, timeout=560)
-            assert done.returncode == 0, done.stdout[-3000:] + log.read_text()[-5000:]
-        finally:
-            stop(worker, signal.SIGINT)
+        with pipeline_worker(env, worker_env(env, head, "auto"), root) as run_deployment:
+            run_deployment(
+                {
+                    "run_uri": run_uri,
+                    "source_options": {"num_subjects": 12, "slices_per_subject": 4, "size": 32},
+                    "models": SMOKE_SPECS,
+                    "train": {"epochs": 1, "image_size": 32, "augment": False},
+                }
+            )
         # The stages ran on the head's cluster: its job list shows the flow run's driver, finished.
         status, body = head.get("/api/jobs/")
         assert status == 200
         drivers = [job for job in json.loads(body) if job.get("type") == "DRIVER"]
         assert drivers and all(job["status"] == "SUCCEEDED" for job in drivers), body[-2000:]
-    _assert_complete_run(run_uri, SMOKE_MODELS)
+    assert_complete_run(run_uri, SMOKE_MODELS)

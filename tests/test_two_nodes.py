@@ -11,6 +11,8 @@ reads another's files.
   with the weights of a run on the head alone (deterministic data order, no augmentation);
 - ``acol localize --actors 2`` runs an actor on each node and writes every row once;
 - ``acol tune`` with two concurrent trials whose workers each need most of a node runs one on each;
+- the pipeline deployment (flows/prefect.yaml), run by a Prefect worker against the cluster's address,
+  trains with one worker per node and localizes with an actor on each, its run folder on S3;
 - the second node SIGKILLed (raylet, agents and workers at once) after the first checkpoint: the run
   restarts on the head from that checkpoint and ends with the uninterrupted run's weights.
 """
@@ -30,6 +32,8 @@ from typing import Any
 
 import pytest
 import torch
+from pipeline_deployment import assert_complete_run, pipeline_worker, worker_env
+from prefect_server import prefect_server_at
 from ray_head import RAY, Head, Node, ray_head, ray_node
 
 from acol_core.checkpoints import STATE_FILE, read_checkpoint_epochs
@@ -139,6 +143,13 @@ def _alive_nodes(head: Head) -> int:
     return len(json.loads(done.stdout))
 
 
+def _drivers(head: Head) -> dict[str, str]:
+    """Job id -> status of the cluster's drivers that were not submitted as jobs (a flow run's)."""
+    status, body = head.get("/api/jobs/")
+    assert status == 200
+    return {job["job_id"]: job["status"] for job in json.loads(body) if job.get("type") == "DRIVER"}
+
+
 def _final_state(run_uri: str) -> dict[str, Any]:
     epochs = read_checkpoint_epochs(run_uri)
     last = max(epochs, key=epochs.get)
@@ -209,6 +220,33 @@ def test_sweep_trials_run_on_both_nodes(head: Head, second_node: Node, data: str
     assert sum(summary["counts"].values()) == 2, summary["counts"]
     assert summary["best_model_uri"].startswith(f"{storage}/two-nodes/")
     assert read_bytes(summary["best_model_uri"])[:8]  # the best trial's export is on S3
+
+
+def test_pipeline_deployment_runs_on_both_nodes(
+    head: Head, second_node: Node, s3_server: str, tmp_path: Path
+) -> None:
+    run_uri = f"{s3_server}/two-nodes/pipeline"
+    # The smoke preset's data and training; one model, two workers and two localize actors per stage.
+    params = {
+        "run_uri": run_uri,
+        "source_options": {"num_subjects": 12, "slices_per_subject": 4, "size": 32},
+        "models": [{"label": "acol", "model": "acol", "options": {"delta": 0.9}}],
+        "train": {"epochs": 1, "image_size": 32, "batch_size": 16, "augment": False},
+        "workers": 2,
+        "placement_strategy": "STRICT_SPREAD",
+        "actors": 2,
+    }
+    before = _drivers(head)
+    with prefect_server_at(tmp_path) as (env, root):
+        # The flow run reaches the cluster at the head's GCS address, with the S3 settings of this process.
+        with pipeline_worker(env, worker_env(env, head, head.gcs), root) as run_deployment:
+            run_deployment(params)
+    drivers = {k: v for k, v in _drivers(head).items() if k not in before}
+    assert list(drivers.values()) == ["SUCCEEDED"], drivers  # the flow run's Ray driver, finished
+    job_id = next(iter(drivers))
+    assert len(set(_actor_nodes(head, job_id, "TrainWorker"))) == 2, "one train worker per node"
+    assert len(set(_actor_nodes(head, job_id, "MapWorker"))) == 2, "one localize actor per node"
+    assert_complete_run(run_uri, ["acol"])
 
 
 def test_lost_node_mid_training_resumes_from_the_last_checkpoint(
