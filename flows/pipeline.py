@@ -102,7 +102,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fullsup_per_class": 20,
     },
     # The skull failure (phantom preset skull-shortcut) and its remedies side by side: CAM, CAM localized
-    # with the anatomy gate (the same model), and the competing shared-anatomy head.
+    # with the anatomy gate (the same model), and CAM trained and localized on harmonised inputs
+    # (skull-stripped, bias-corrected), gated too: the best remedy of studies/skull.yaml.
     "demo-skull": {
         "source_options": {**_DEMO_DATA, "preset": "skull-shortcut"},
         "models": [
@@ -114,7 +115,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "reuse": "cam",
                 "localize": {"gate": "anatomy"},
             },
-            {"label": "cam+compete", "model": "cam", "options": {"shared_anatomy": "compete"}},
+            {
+                "label": "cam+harmonize+gate",
+                "model": "cam",
+                "options": {},
+                "train": {"harmonize": "brain"},
+                "localize": {"gate": "anatomy"},
+            },
         ],
         "train": _DEMO_TRAIN,
         "sweep": None,
