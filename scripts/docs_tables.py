@@ -1,11 +1,12 @@
-"""Regenerate the README's tables from the JSON that commands wrote; never edit those tables by hand.
+"""Regenerate the docs' tables from the JSON that commands wrote; never edit those tables by hand.
 
-    .venv/bin/python scripts/docs_tables.py           # rewrite the generated blocks in README.md
-    .venv/bin/python scripts/docs_tables.py --check   # exit 1 if README.md differs (the test suite runs this)
+    .venv/bin/python scripts/docs_tables.py           # rewrite the generated blocks (DOCS)
+    .venv/bin/python scripts/docs_tables.py --check   # exit 1 if a file differs (the test suite runs this)
 
-Blocks (between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``):
-- ``skull``: the skull study's table, from ``docs/results/skull.json`` (written by
-  ``acol study --config studies/skull.yaml --storage runs/studies --table docs/results/skull.md``);
+Blocks (between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``), in README.md and
+benchmarks/README.md:
+- ``skull`` / ``demo``: a study's table, from ``docs/results/<name>.json`` (written by
+  ``acol study --config studies/<name>.yaml --storage runs/studies --table docs/results/<name>.md``);
 - ``benchmarks``: the ratios that have a target, from the newest quick-mode
   ``benchmarks/results/<date>.json`` (``make bench``; every ratio is in that JSON and in its printout).
 """
@@ -25,6 +26,7 @@ from acol_core.study import results_markdown  # noqa: E402
 from benchmarks.run import format_table  # noqa: E402
 
 README = ROOT / "README.md"
+DOCS = (README, ROOT / "benchmarks" / "README.md")
 BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
 
 
@@ -60,14 +62,14 @@ def _benchmarks() -> str:
     )
 
 
-RENDER = {"skull": lambda: _study("skull"), "benchmarks": _benchmarks}
+RENDER = {"skull": lambda: _study("skull"), "demo": lambda: _study("demo"), "benchmarks": _benchmarks}
 
 
-def render(text: str) -> str:
+def render(text: str, where: str = "README.md") -> str:
     def block(m: re.Match) -> str:
         name = m.group(2)
         if name not in RENDER:
-            raise SystemExit(f"README.md: unknown generated block {name!r}")
+            raise SystemExit(f"{where}: unknown generated block {name!r}")
         return m.group(1) + RENDER[name]() + m.group(4)
 
     return BLOCK.sub(block, text)
@@ -75,16 +77,20 @@ def render(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file is not up to date")
     args = parser.parse_args(argv)
-    current = README.read_text()
-    fresh = render(current)
-    if args.check:
-        if fresh != current:
-            print("README.md's generated tables are out of date: run python scripts/docs_tables.py")
-            return 1
-        return 0
-    README.write_text(fresh)
+    stale = []
+    for path in DOCS:
+        current = path.read_text()
+        fresh = render(current, str(path.relative_to(ROOT)))
+        if fresh == current:
+            continue
+        stale.append(str(path.relative_to(ROOT)))
+        if not args.check:
+            path.write_text(fresh)
+    if args.check and stale:
+        print(f"generated tables out of date in {', '.join(stale)}: run python scripts/docs_tables.py")
+        return 1
     return 0
 
 
