@@ -252,14 +252,15 @@ def test_skull_space_samples_build_every_remedy() -> None:
 
     space = load_space(str(Path(__file__).resolve().parents[1] / "tune" / "spaces" / "skull.yaml"))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    anatomy_modes = set()
+    anatomy_modes, harmonize = set(), set()
     for _ in range(12):
         trial = study.ask()
         config = space.train_config(space.sample(trial))
         build_model(config.replace(image_size=32))
         anatomy_modes.add(config.model_options["shared_anatomy"])
+        harmonize.add(config.harmonize)
         study.tell(trial, 0.0)
-    assert anatomy_modes == {False, True, "compete"}
+    assert anatomy_modes == {False, True, "compete"} and harmonize == {"none", "brain"}
 
 
 # ---------------------------------------------------------------- fusion="auto" (ACoL's fusion chosen on val)
