@@ -1,16 +1,19 @@
 """Brain-mask gating of CAMs: the reference remedy a user with brain masks tries first.
 
 Where a dataset carries an ``anatomy_mask`` (skull and scalp = 1, from the phantom or from a brain
-mask: anatomy = head − brain), ``gate_cam`` zeroes the map on those pixels and min-max normalises what
-is left, so a CAM that fires on the skull cannot place its mass there. It changes nothing about what the
-model learnt: it only hides the shortcut at localisation time, and only where a mask exists. A row
-without a mask (``None``) keeps its map; ``gate_maps`` counts such rows so the caller can say so.
+mask: anatomy = head − brain), ``gate_cam`` zeroes the (normalised) map on those pixels and keeps the
+rest as it is, so a CAM that fires on the skull cannot place its mass there. What is left is not
+stretched back to [0, 1]: a map whose peak was on the skull keeps its weak brain evidence weak, instead
+of turning it into confident false positives at a fixed threshold (and, pooled over images as PxAP
+pools them, stretching cost 0.3 PxAP on one seed of the standard phantom). It changes nothing about
+what the model learnt: it only hides the shortcut at localisation time, and only where a mask exists.
+A row without a mask (``None``) keeps its map; ``gate_maps`` counts such rows so the caller can say so.
 
 Examples:
     >>> import numpy as np
     >>> cam = np.array([[1.0, 0.5], [0.25, 0.0]]); skull = np.array([[1, 0], [0, 0]], np.uint8)
     >>> gate_cam(cam, skull).tolist()
-    [[0.0, 1.0], [0.5, 0.0]]
+    [[0.0, 0.5], [0.25, 0.0]]
 """
 
 from __future__ import annotations
@@ -42,10 +45,10 @@ def check_gate(gate: str | None) -> str:
 
 
 def gate_cam(cam: np.ndarray, anatomy_mask: np.ndarray | None) -> np.ndarray:
-    """``cam`` (H×W) with anatomy pixels (``mask == 1``) set to 0, then min-max normalised to [0, 1].
+    """``cam`` (H×W) min-max normalised to [0, 1], then anatomy pixels (``mask == 1``) set to 0.
 
-    Pixels marked 255 (unknown) or 0 (brain, background) are kept. ``anatomy_mask`` None: the map is
-    only normalised. A map left constant (all its mass was on the anatomy) becomes all zeros.
+    Pixels marked 255 (unknown) or 0 (brain, background) keep their value. ``anatomy_mask`` None: the
+    map is only normalised. A map whose mass was all on the anatomy becomes all zeros.
     """
     cam = np.asarray(cam, dtype=np.float64)
     if anatomy_mask is None:
@@ -53,7 +56,7 @@ def gate_cam(cam: np.ndarray, anatomy_mask: np.ndarray | None) -> np.ndarray:
     mask = np.asarray(anatomy_mask)
     if mask.shape != cam.shape:
         raise GateError(f"anatomy mask {mask.shape} and map {cam.shape} must have the same shape")
-    return normalize_cam(np.where(mask == 1, 0.0, normalize_cam(cam)))
+    return np.where(mask == 1, 0.0, normalize_cam(cam))
 
 
 @dataclass

@@ -205,12 +205,30 @@ def test_background_stays_dark_and_bias_field_is_smooth_and_positive() -> None:
 # ---------------------------------------------------------------- anatomy gating
 
 
-def test_gate_zeroes_anatomy_pixels_and_renormalises() -> None:
-    cam = np.array([[1.0, 0.8, 0.2], [0.4, 0.2, 0.0], [0.0, 0.0, 0.0]])
+def test_gate_zeroes_anatomy_pixels_and_keeps_the_rest_unstretched() -> None:
+    cam = np.array([[2.0, 1.6, 0.4], [0.8, 0.4, 0.0], [0.0, 0.0, 0.0]])
     skull = np.array([[1, 1, 0], [0, 255, 0], [0, 0, 0]], np.uint8)  # 255: unknown, kept
     out = gate_cam(cam, skull)
-    assert (out[skull == 1] == 0).all() and out.max() == 1.0 and out[1, 0] == 1.0
-    np.testing.assert_allclose(out[0, 2], 0.5)
+    assert (out[skull == 1] == 0).all() and out.max() == 0.4
+    np.testing.assert_allclose(out, np.where(skull == 1, 0.0, cam / 2.0))
+
+
+def test_gate_never_lowers_pxap_when_the_object_lies_off_the_anatomy() -> None:
+    """Zeroing anatomy pixels removes false positives only; stretching the rest could add some."""
+    from acol_core.localize import normalize_cam
+    from acol_core.metrics import pxap
+
+    rng = np.random.default_rng(0)
+    cams = rng.random((6, 16, 16))
+    masks = np.zeros((6, 16, 16), np.uint8)
+    masks[:, 6:10, 6:10] = 1
+    skull = np.zeros((6, 16, 16), np.uint8)
+    skull[:, :3] = 1
+    cams[:3, :3] += 2.0  # half the maps peak on the skull
+    gated = np.stack([gate_cam(c, s) for c, s in zip(cams, skull, strict=True)])
+    normed = np.stack([gate_cam(c, None) for c in cams])
+    stretched = np.stack([normalize_cam(g) for g in gated])  # the rule before: min-max again after
+    assert pxap(gated, masks) >= pxap(normed, masks) and pxap(gated, masks) > pxap(stretched, masks)
 
 
 @pytest.mark.parametrize("cam", [np.full((3, 3), 0.7), np.zeros((3, 3)), np.full((3, 3), np.nan)])
