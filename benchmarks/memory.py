@@ -151,12 +151,19 @@ def _child(kind: str, case: dict[str, Any]) -> None:
 
     if case["threads"]:
         torch.set_num_threads(case["threads"])
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        configure_logging=False,
-        object_store_memory=case["object_store_mib"] * 2**20,
-    )
+    for attempt in range(3):
+        try:
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                configure_logging=False,
+                object_store_memory=case["object_store_mib"] * 2**20,
+            )
+            break
+        except Exception as exc:  # noqa: BLE001 - Ray gives its raylet 30 s, too few on a busy host
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            ray.shutdown()
     start = time.perf_counter()
     try:
         out = runs[kind](case)
