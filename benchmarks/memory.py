@@ -34,8 +34,8 @@ adds ``<kind>_tree_rss_<N>x_over_1x``, ``<kind>_tree_pss_<N>x_over_1x`` and
 ``<kind>_own_growth_over_extra_data_<N>x_over_1x`` (5× keeps the names above). A run that streams has
 the same own memory at 5× and 20×; one that keeps rows grows 4.75 times as much at 20×. A fixed
 window shows as a step between a 1× run too small to fill it and the larger ones: the train stream's
-shuffle window of 512 decoded rows in each worker was one (Ray holds up to ~1.5× of it, at 192 KiB a
-row), which is why the mixing now happens on encoded rows before decoding (``build_datasets``).
+shuffle window of 512 decoded rows in each worker is one (Ray holds up to ~1.5× of it, at 192 KiB a
+row), which the 432-row 1× run never fills.
 
 Sizes. What must exceed the object store is what flows through it: the rows decoded to float32
 tensors (``map_batches`` output) on their way to the train step or the model. Images are decoded to 3

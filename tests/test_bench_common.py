@@ -96,7 +96,7 @@ def test_shared_memory_is_counted_once_in_pss() -> None:
     # Each process's own peak (PSS less shared memory) is listed, the larger first: neither holds 120.
     top = res["top_processes"]
     assert len(top) == 2 and top[0]["peak_own_mib"] >= top[1]["peak_own_mib"], top
-    assert all(p["peak_own_mib"] < 100 and p["name"].startswith("-c") for p in top), top
+    assert all(p["peak_own_mib"] < 100 for p in top), top
 
 
 def _alive(pid: int) -> bool:

@@ -22,7 +22,6 @@ from acol_core.cli import app
 from acol_core.config import TrainConfig
 from acol_core.data.prepare import prepare_dataset
 from acol_core.data.shards import open_dataset
-from acol_core.data.transforms import decode_rows, shuffle_rows
 from acol_core.export import load_exported
 from acol_core.selection import select_epoch
 from acol_core.storage import join, list_dir, read_bytes, resolve
@@ -91,15 +90,6 @@ def _state(checkpoint_uri: str) -> dict:
     return load_checkpoint_bytes(read_bytes(join(checkpoint_uri, STATE_FILE)))
 
 
-def test_shuffle_rows_permutes_every_column_alike() -> None:
-    rows = {"label": np.arange(50), "image": np.array([bytes([i]) for i in range(50)], dtype=object)}
-    out = shuffle_rows(rows, seed=7)
-    assert sorted(out["label"].tolist()) == list(range(50)) and out["label"].tolist() != list(range(50))
-    assert [b[0] for b in out["image"]] == out["label"].tolist()
-    np.testing.assert_array_equal(shuffle_rows(rows, seed=7)["label"], out["label"])
-    assert shuffle_rows({"label": np.arange(0)})["label"].size == 0
-
-
 def test_split_selection_streams_decoded_rows(local_ray: None, phantom: str) -> None:
     datasets = _with_timeout(lambda: build_datasets(phantom, _config(), deterministic=True), 60)
     assert sorted(datasets) == ["train", "val"]
@@ -111,26 +101,6 @@ def test_split_selection_streams_decoded_rows(local_ray: None, phantom: str) -> 
     assert batch["image"].shape == (n, 1, 32, 32) and batch["image"].dtype == np.float32
     assert batch["mask"].shape == (n, 32, 32) and set(np.unique(batch["mask"])) <= {0, 1, 255}
     assert batch["fullsup"].dtype == bool and batch["fullsup"].any()
-
-
-def test_train_stream_is_shuffled_before_decoding_and_reproducible(local_ray: None, phantom: str) -> None:
-    """Train rows leave Ray Data mixed (not in the shards' subject order), each once; with
-    ``deterministic`` every build streams them in the same order."""
-    config = _config()
-
-    def stream() -> np.ndarray:
-        datasets = build_datasets(phantom, config, deterministic=True)
-        return np.concatenate([b["image"] for b in datasets["train"].iter_batches(batch_format="numpy")])
-
-    first, again = _with_timeout(stream, 60), _with_timeout(stream, 60)
-    np.testing.assert_array_equal(first, again)
-    stored = open_dataset(phantom).read_table("train", columns=["image", "label"]).to_pydict()
-    decoded = decode_rows(stored, config.channels, config.image_size, False, config.effective_input_norm)
-    in_stream, in_store = [r.tobytes() for r in first], [r.tobytes() for r in decoded["image"]]
-    assert sorted(in_stream) == sorted(in_store) and len(in_stream) == 32
-    # Stored, consecutive rows are a subject's neighbouring slices; streamed, few neighbours stay together.
-    where = [in_store.index(r) for r in in_stream]
-    assert int(np.sum(np.abs(np.diff(where)) == 1)) < 10, where
 
 
 def test_sampler_repeats_train_rows_by_class_in_the_stream(local_ray: None, phantom: str) -> None:

@@ -26,7 +26,6 @@ __all__ = [
     "intensity_augment",
     "describe_norm",
     "prepare_image",
-    "shuffle_rows",
     "standardize",
     "table_to_arrays",
 ]
@@ -122,23 +121,6 @@ def _mask_or_ignore(data: Any, size: int) -> np.ndarray:
     if mask.ndim == 3:
         mask = mask[..., 0]
     return _resize(mask.astype(np.uint8), size, "nearest")
-
-
-def shuffle_rows(rows: Mapping[str, Any], seed: int | None = None) -> dict[str, np.ndarray]:
-    """The rows of a batch (still encoded) in a random order; ``seed`` None draws a new order each call.
-
-    The train stream mixes subjects here, on encoded rows (~12 KiB each for the phantom at 128²), before
-    they are decoded to float tensors (192 KiB each at 3×128²): a window of a thousand rows costs ~12 MiB
-    here, where a window of 512 decoded rows in each worker's shuffle buffer held 150-200 MiB.
-
-    Examples:
-        >>> shuffle_rows({"label": np.arange(5)}, seed=0)["label"].tolist()
-        [2, 4, 3, 0, 1]
-    """
-    columns = {k: np.asarray(v) for k, v in rows.items()}
-    n = len(next(iter(columns.values()))) if columns else 0
-    order = np.random.default_rng(seed).permutation(n)
-    return {k: v[order] for k, v in columns.items()}
 
 
 def decode_rows(

@@ -67,7 +67,7 @@ RETENTION_METRIC = "retention_score"
 _COLUMNS = ["image", "label", "mask", "anatomy_mask", "fullsup"]
 _VAL_BATCH = 64
 _FAULT_DELAY_S = 3.0
-_SHUFFLE_ROWS = 1024  # encoded train rows shuffled together (a window) before they are decoded
+_SHUFFLE_ROWS = 512  # rows in each worker's local shuffle buffer (at least)
 # Rank 0 reads the decoded val rows once, before training, when they fit in this: a Ray Data execution
 # per epoch cost ~3 s of start-up for the demo's 120 val rows (a third of a tiny-backbone epoch).
 VAL_CACHE_BYTES = 256 * 2**20
@@ -176,15 +176,12 @@ def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = Fal
     ``read_parquet(filter=...)`` and pushes this expression down to the Parquet scan instead.
     Without ``deterministic`` the shard files are read in a new random order every epoch. With
     ``config.sampling_factors`` (class_balance sampler) the train rows are repeated by class before they
-    are decoded. Train rows are then shuffled in windows of ``_SHUFFLE_ROWS`` while still encoded (a few
-    KiB each; ``transforms.shuffle_rows``, seeded with ``deterministic``), which mixes subjects and the
-    sampler's copies; each worker's local shuffle buffer then only needs a few batches of decoded rows.
+    are decoded; the workers' local shuffle then spreads the copies over the epoch.
     """
     import ray.data
     from ray.data.expressions import col, lit
 
     from acol_core.data.shards import open_dataset
-    from acol_core.data.transforms import shuffle_rows
 
     # The manifest proves the dataset complete; hashing every shard here would read it all twice.
     dataset = open_dataset(data_uri, verify=False)
@@ -203,13 +200,6 @@ def build_datasets(data_uri: str, config: TrainConfig, deterministic: bool = Fal
                 fn_kwargs={"factors": list(config.sampling_factors)},
                 batch_format="numpy",
                 batch_size=_VAL_BATCH,
-            )
-        if split == "train":
-            ds = ds.map_batches(
-                shuffle_rows,
-                fn_kwargs={"seed": config.seed if deterministic else None},
-                batch_format="numpy",
-                batch_size=_SHUFFLE_ROWS,
             )
         datasets[split] = ds.map_batches(
             _decode,
@@ -321,11 +311,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return train_shard.iter_batches(
             batch_size=config.batch_size,
             batch_format="numpy",
-            # Shards hold rows in subject order: a window of a few batches alone gave batches of a few
-            # subjects each, and the phantom's models learned far more slowly than with a full shuffle
-            # in-process. The stream mixes them before decoding (``build_datasets``): a window of 512
-            # decoded rows here held 150-200 MiB in each worker at 3x128² (Ray compacts it at 1.5x).
-            local_shuffle_buffer_size=4 * config.batch_size,
+            # Shards hold rows in subject order: a window of a few batches gave batches of a few subjects
+            # each, and the phantom's models learned far more slowly than with a full shuffle in-process.
+            local_shuffle_buffer_size=max(4 * config.batch_size, _SHUFFLE_ROWS),
             # Seeded by epoch (not by how often this worker group iterated): a resumed epoch sees the
             # order the uninterrupted run would have seen.
             local_shuffle_seed=config.seed * 1000 + epoch * 10 + rank,
