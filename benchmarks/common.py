@@ -115,14 +115,28 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def _pss_kib(pid: int) -> tuple[int, int]:
-    """(PSS, its shared-memory part ``Pss_Shmem``) in KiB; shared pages are divided among their mappers."""
+def _pss_kib(pid: int) -> tuple[int, int, int]:
+    """(PSS, its shared-memory part ``Pss_Shmem``, its file-backed part ``Pss_File``) in KiB; shared pages
+    are divided among their mappers."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
-        return 0, 0
+        return 0, 0, 0
     fields = {ln.split(":")[0]: int(ln.split()[1]) for ln in text.splitlines()[1:] if ln.count(" ") >= 1}
-    return fields.get("Pss", 0), fields.get("Pss_Shmem", 0)
+    return fields.get("Pss", 0), fields.get("Pss_Shmem", 0), fields.get("Pss_File", 0)
+
+
+def _process_name(pid: int) -> str:
+    """A short label for ``pid``: its command line (Ray workers set theirs to ``ray::<task or actor>``)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    words = raw.replace(b"\0", b" ").decode(errors="replace").split()
+    # A Python process: its module or script, not the interpreter's path.
+    if words and Path(words[0]).name.startswith("python"):
+        words = [w for w in words[1:] if w != "-m"] or words
+    return " ".join(words)[:60]
 
 
 @dataclass
@@ -137,10 +151,25 @@ class _TreePeak:
     tree_pss_non_shmem: int = 0
     tree_procs: int = 0
     samples: int = 0
-    timeline: list[tuple[float, float, float, float]] = field(default_factory=list)
+    timeline: list[tuple[float, float, float, float, float]] = field(default_factory=list)
+    # pid -> [largest PSS less shared memory (KiB), its file-backed part then, the label it had then].
+    per_process: dict[int, list] = field(default_factory=dict)
+
+    def top_processes(self, count: int = 12) -> list[dict[str, Any]]:
+        """The ``count`` processes with the largest own memory (PSS less shared memory) at their peak."""
+        ranked = sorted(self.per_process.items(), key=lambda kv: -kv[1][0])[:count]
+        return [
+            {
+                "pid": pid,
+                "name": name,
+                "peak_own_mib": round(kib / 1024, 1),
+                "file_mib": round(file / 1024, 1),
+            }
+            for pid, (kib, file, name) in ranked
+        ]
 
     def sample(self, root: int, elapsed_s: float, with_pss: bool) -> None:
-        rss = anon = pss = shmem = procs = 0
+        rss = anon = pss = shmem = file = procs = 0
         for pid in process_tree(root):
             fields = _proc_status_kib(pid, ("VmHWM", "VmRSS", "RssAnon"))
             if pid == root:
@@ -151,15 +180,20 @@ class _TreePeak:
             anon += fields.get("RssAnon", 0)
             procs += 1
             if with_pss:  # smaps_rollup walks the page tables (~1 ms for a large process): now and then
-                pid_pss, pid_shmem = _pss_kib(pid)
-                pss, shmem = pss + pid_pss, shmem + pid_shmem
+                pid_pss, pid_shmem, pid_file = _pss_kib(pid)
+                pss, shmem, file = pss + pid_pss, shmem + pid_shmem, file + pid_file
+                own = self.per_process.setdefault(pid, [0, 0, ""])
+                if pid_pss - pid_shmem > own[0] or not own[2]:
+                    own[:] = [max(own[0], pid_pss - pid_shmem), pid_file, _process_name(pid)]
         self.tree_rss, self.tree_anon = max(self.tree_rss, rss), max(self.tree_anon, anon)
         self.tree_procs = max(self.tree_procs, procs)
         self.samples += 1
         if with_pss and procs:
             self.tree_pss, self.tree_pss_shmem = max(self.tree_pss, pss), max(self.tree_pss_shmem, shmem)
             self.tree_pss_non_shmem = max(self.tree_pss_non_shmem, pss - shmem)
-            self.timeline.append((round(elapsed_s, 2), *(round(v / 1024, 1) for v in (rss, pss, shmem))))
+            self.timeline.append(
+                (round(elapsed_s, 2), *(round(v / 1024, 1) for v in (rss, pss, shmem, file)))
+            )
 
 
 def peak_rss_of(
@@ -181,7 +215,10 @@ def peak_rss_of(
       tree's actual share of RAM), sampled every ``pss_interval_s`` only (reading it costs ~1 ms a
       process); ``tree_peak_pss_shmem_mib``: the largest shared-memory part of it (Ray's object
       store lives there), ``tree_peak_pss_non_shmem_mib``: the largest PSS less that part (the
-      processes' own memory); ``timeline``: ``[seconds, RSS, PSS, PSS shmem]`` (MiB) at those samples;
+      processes' own memory); ``timeline``: ``[seconds, RSS, PSS, PSS shmem, PSS file]`` (MiB) at those
+      samples (the file-backed part: libraries' code, and files mapped as memory);
+      ``top_processes``: the processes whose own memory (PSS less shared memory) peaked highest, each
+      with its pid, command line (``ray::...`` for Ray's workers) and that peak;
     - ``tree_max_processes``, ``samples``, ``stdout``, ``stderr``.
     The tree is sampled every ``interval_s`` while the child runs, so a peak shorter than that can be
     missed by the tree figures (``VmHWM`` misses nothing but the last interval). ``wait4``'s
@@ -230,6 +267,7 @@ def peak_rss_of(
         "tree_max_processes": peak.tree_procs,
         "samples": peak.samples,
         "timeline": peak.timeline,
+        "top_processes": peak.top_processes(),
         "stdout": out,
         "stderr": err,
     }

@@ -63,6 +63,9 @@ def test_tree_peak_counts_grandchildren() -> None:
     assert res["tree_peak_anon_mib"] >= 150, res
     assert res["tree_peak_pss_mib"] >= 150, res
     assert res["tree_max_processes"] == 2
+    # The process that held the memory is named first, by its command line.
+    assert res["top_processes"][0]["peak_own_mib"] >= 150, res["top_processes"]
+    assert "bytearray" in res["top_processes"][0]["name"], res["top_processes"]
     seconds = [t for t, *_ in res["timeline"]]
     assert len(seconds) >= 3 and seconds == sorted(seconds)
 
@@ -87,9 +90,13 @@ def test_shared_memory_is_counted_once_in_pss() -> None:
     assert res["returncode"] == 0, res["stderr"]
     assert res["tree_peak_rss_mib"] >= 240, res
     # A sample reads the processes one after the other: one caught mid-mapping can skew that sample.
-    both_mapped = [(rss, shmem) for _, rss, _, shmem in res["timeline"] if rss >= 240]
+    both_mapped = [(rss, shmem) for _, rss, _, shmem, _ in res["timeline"] if rss >= 240]
     assert both_mapped and 115 <= statistics.median(sh for _, sh in both_mapped) <= 130, res["timeline"]
     assert res["tree_peak_pss_non_shmem_mib"] < 100, res
+    # Each process's own peak (PSS less shared memory) is listed, the larger first: neither holds 120.
+    top = res["top_processes"]
+    assert len(top) == 2 and top[0]["peak_own_mib"] >= top[1]["peak_own_mib"], top
+    assert all(p["peak_own_mib"] < 100 for p in top), top
 
 
 def _alive(pid: int) -> bool:
