@@ -4,9 +4,9 @@ Where a dataset carries an ``anatomy_mask`` (skull and scalp = 1, from the phant
 mask: anatomy = head − brain), ``gate_cam`` zeroes the (normalised) map on those pixels and keeps the
 rest as it is, so a CAM that fires on the skull cannot place its mass there. What is left is not
 stretched back to [0, 1]: a map whose peak was on the skull keeps its weak brain evidence weak, instead
-of turning it into confident false positives at a fixed threshold (and, pooled over images as PxAP
-pools them, stretching cost 0.3 PxAP on one seed of the standard phantom). It changes nothing about
-what the model learnt: it only hides the shortcut at localisation time, and only where a mask exists.
+of turning it into confident false positives at a fixed threshold; pooled over images as PxAP pools
+them, zeroing alone can only remove false positives. It changes nothing about what the model learnt:
+it only hides the shortcut at localisation time, and only where a mask exists.
 A row without a mask (``None``) keeps its map; ``gate_maps`` counts such rows so the caller can say so.
 
 Examples:

@@ -173,7 +173,12 @@ def test_smoke_study_runs_resumes_and_writes_the_table(tmp_path: Path, local_ray
     assert result.exit_code == 0, result.output
     results = json.loads((storage / "smoke" / "results.json").read_text())
     block = results["presets"]["tiny"]["models"]
-    assert sorted(block) == ["acol", "cam"]
+    assert sorted(block) == ["acol", "cam", "cam+gate"]
+    for seed in ("seed-0", "seed-1"):  # the twin waited for cam's model instead of training its own
+        cell = storage / "smoke" / "tiny"
+        twin = (cell / "cam+gate" / seed / "model.safetensors").read_bytes()
+        assert twin == (cell / "cam" / seed / "model.safetensors").read_bytes()
+        assert not (cell / "cam+gate" / seed / "train").exists()
     for label in ("cam", "acol"):
         assert sorted(block[label]["seeds"]) == ["0", "1"]
         pxap = block[label]["summary"]["pxap"]
@@ -187,7 +192,7 @@ def test_smoke_study_runs_resumes_and_writes_the_table(tmp_path: Path, local_ray
     (storage / "smoke" / "tiny" / "acol" / "seed-1" / "evaluation.json").rename(storage / "held.json")
     partial = CliRunner().invoke(app, [*args, "--tables-only"])
     assert partial.exit_code == 0, partial.output
-    assert 'Seeds finished per model: {"cam": 2, "acol": 1}' in partial.stdout
+    assert 'Seeds finished per model: {"cam": 2, "cam+gate": 2, "acol": 1}' in partial.stdout
     (storage / "held.json").rename(storage / "smoke" / "tiny" / "acol" / "seed-1" / "evaluation.json")
     # A second run finds every cell finished: nothing is trained again.
     model = storage / "smoke" / "tiny" / "cam" / "seed-0" / "model.safetensors"

@@ -90,17 +90,25 @@ def _run_cells_in_tasks(
     config: StudyConfig, storage: str, cells: list[StudyCell], parallel: int, echo: Callable[[str], None]
 ) -> None:
     """At most ``parallel`` cells at once, each driven from a Ray task (a Ray Train run's driver may live in
-    a task, as under Tune): the cells' trainings then spread over the cluster. A failed cell fails the
-    study once the running ones finish; what finished stays committed."""
+    a task, as under Tune): the cells' trainings then spread over the cluster. A cell that shares its
+    twin's training starts only once the twin has finished (else both would train). A failed cell fails
+    the study once the running ones finish; what finished stays committed."""
     import ray
 
     run = ray.remote(num_cpus=0, max_retries=0)(_run_cell)
     pending: dict[Any, StudyCell] = {}
     queue, errors = list(cells), []
     while queue or pending:
-        while queue and len(pending) < parallel:
-            cell = queue.pop(0)
+        while len(pending) < parallel:
+            busy = {c.key for c in [*pending.values(), *queue]}
+            ready = [c for c in queue if config.twin(c) == c or config.twin(c).key not in busy]
+            if not ready:
+                break
+            cell = ready[0]
+            queue.remove(cell)
             pending[run.remote(config, storage, cell, print)] = cell
+        if not pending:  # only twins of failed cells are left
+            break
         done, _ = ray.wait(list(pending), num_returns=1)
         cell = pending.pop(done[0])
         try:
