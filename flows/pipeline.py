@@ -525,13 +525,14 @@ def summary_table(run_uri: str) -> str:
 
     rows = read_summary(run_uri)
     columns = ("accuracy", "PxAP", "MaxBoxAccV2", "Dice (val τ)", "off-target")
-    lines = [f"{'model':<16}" + "".join(f"{c:>14}" for c in columns)]
+    width = max([16, *(len(label) + 2 for label in rows)])
+    lines = [f"{'model':<{width}}" + "".join(f"{c:>14}" for c in columns)]
     for label, metrics in rows.items():
         cells = "".join(
             f"{metrics[c]:>14.3f}" if isinstance(metrics.get(c), (int, float)) else f"{'-':>14}"
             for c in columns
         )
-        lines.append(f"{label:<16}{cells}")
+        lines.append(f"{label:<{width}}{cells}")
     return "\n".join(lines)
 
 
