@@ -131,8 +131,10 @@ class TrainConfig:
         anatomy = self.model_options.get("shared_anatomy", False)
         if not (isinstance(anatomy, bool) or anatomy == "compete"):
             raise ConfigError(f"shared_anatomy must be false, true or 'compete', got {anatomy!r}")
-        if self.harmonize not in ("none", "brain"):
-            raise ConfigError(f"harmonize must be none or brain, got {self.harmonize!r}")
+        from acol_core.data.harmonize import HARMONIZE_MODES
+
+        if self.harmonize not in HARMONIZE_MODES:
+            raise ConfigError(f"harmonize must be {' or '.join(HARMONIZE_MODES)}, got {self.harmonize!r}")
         fusion = self.model_options.get("fusion", "max")
         if fusion not in ("max", "mean", "joint", "a", "auto"):
             raise ConfigError(f"fusion must be one of max, mean, joint, a, auto, got {fusion!r}")

@@ -390,7 +390,8 @@ def test_harmonize_without_masks_keeps_the_foreground_and_empty_slices_stay_empt
     unknown = np.full_like(anatomy, 255)
     out = harmonize_batch(np.stack([image, np.zeros_like(image)]), np.stack([unknown, unknown]), "brain")
     assert (out[0][0][image[0] > 0.05] > 0).mean() > 0.9 and (out[1] == 0).all()
-    assert harmonize_batch(image[None], None, "none") is not None
+    batch = image[None]
+    assert harmonize_batch(batch, None, "none") is batch  # off: the inputs untouched, not copied
     with pytest.raises(ValueError, match="harmonize must be one of none, brain"):
         harmonize_batch(image[None], None, "n4")
     with pytest.raises(ConfigError, match="harmonize must be none or brain"):

@@ -76,15 +76,9 @@ def harmonize_slice(image: np.ndarray, anatomy: np.ndarray | None, sigma: float 
 
 def harmonize_batch(images: np.ndarray, anatomy: np.ndarray | None, mode: str) -> np.ndarray:
     """N×C×H×W [0, 1] images with their N×H×W anatomy masks (or None) -> harmonised by ``mode``."""
-    if check_harmonize(mode) == "none":
+    if check_harmonize(mode) == "none" or len(images) == 0:
         return images
-    return (
-        np.stack(
-            [
-                harmonize_slice(image, None if anatomy is None else anatomy[i])
-                for i, image in enumerate(images)
-            ]
-        ).astype(np.float32)
-        if len(images)
-        else images
-    )
+    slices = [
+        harmonize_slice(image, None if anatomy is None else anatomy[i]) for i, image in enumerate(images)
+    ]
+    return np.stack(slices).astype(np.float32)
