@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -52,3 +53,14 @@ def with_timeout(fn: Callable[[], Any], seconds: float) -> Any:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+# A line Ray forwards from an actor or task's log to the driver's stderr: "(Name pid=N) ...", maybe coloured.
+RAY_LOG_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")
+
+
+def command_lines(stderr: str) -> list[str]:
+    """A command's own non-blank stderr lines, without what an in-process Ray forwarded meanwhile (a CliRunner
+    captures the process's stderr, where the module's Ray prints its actors' logs, e.g. a finished run's
+    placement-group cleaner)."""
+    return [line for line in stderr.splitlines() if line.strip() and not RAY_LOG_LINE.match(line)]

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pyarrow as pa
 import pytest
-from ray_local import with_timeout
+from ray_local import command_lines, with_timeout
 from typer.testing import CliRunner
 
 from acol_core import storage
@@ -256,7 +256,7 @@ def test_cli_errors_are_one_line(
         args["--split"] = "tset"
     result = CliRunner().invoke(app, ["localize", *[x for kv in args.items() for x in kv]])
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = command_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("acol localize: error:") and message in lines[0]
     assert not (tmp_path / "out" / SUCCESS_NAME).exists()
 
@@ -301,7 +301,7 @@ def test_cli_bad_gate_is_one_line(phantom: str, model_uri: str, tmp_path: Path) 
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = command_lines(result.stderr)
     assert lines == ["acol localize: error: gate must be one of none, anatomy, got 'brain'"]
 
 

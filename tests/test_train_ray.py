@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from ray_local import injected_fault, with_timeout
+from ray_local import command_lines, injected_fault, with_timeout
 from typer.testing import CliRunner
 
 from acol_core.checkpoints import HISTORY_FILE, STATE_FILE, read_checkpoint_epochs
@@ -249,6 +249,6 @@ def test_train_command_fails_in_one_line_before_starting_ray(
     argv = ["train", "--storage", str(tmp_path / "runs"), *[a.format(**values) for a in args]]
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2
-    lines = result.stderr.strip().splitlines()
+    lines = command_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("acol train: error:") and message in lines[0], lines
     assert not (tmp_path / "runs").exists()
