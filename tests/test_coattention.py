@@ -199,7 +199,7 @@ def test_create_coatt_by_name_with_config() -> None:
         "name": "coatt", "num_classes": 2, "in_channels": 1, "backbone": "tiny", "pair_policy": "mixed",
     }  # fmt: skip
     again = create_model(**_model("acol_coatt", delta=0.4, w_erased=0.5, pair_policy="same").config)
-    assert (again.delta, again.pair_policy, again.loss_weights["sm_b"]) == (0.4, "same", 0.5)
+    assert (again.delta, again.pair_policy, again.loss_weights["ce_b"]) == (0.4, "same", 0.5)
 
 
 @pytest.mark.parametrize(
@@ -214,7 +214,7 @@ def test_bad_coattention_options_raise(options: dict[str, object]) -> None:
         _model("acol_coatt", delta=1.0)
 
 
-def test_coatt_branches_are_the_shared_classifier_on_single_coattended_and_contrastive_features() -> None:
+def test_coatt_branches_single_on_the_head_pairs_on_their_own_classifier() -> None:
     model, x, labels = _model("coatt", pair_policy="mixed").train(), _batch(), torch.tensor([0, 1, 2, 1])
     torch.manual_seed(9)
     out = model(x, labels)
@@ -227,8 +227,8 @@ def test_coatt_branches_are_the_shared_classifier_on_single_coattended_and_contr
         contrast = contrastive_features(features, model.coattention.gate(attended))
         expected = {
             "single": model.head.classifier(features),
-            "common": model.head.classifier(attended),
-            "contrast": model.head.classifier(contrast),
+            "common": model.pair_classifier(attended),
+            "contrast": model.pair_classifier(contrast),
         }
     assert list(out["maps"]) == ["single", "common", "contrast"]
     for name, maps in expected.items():
@@ -247,15 +247,16 @@ def test_coatt_losses_hand_computed_and_weighted(name: str) -> None:
     onehot = F.one_hot(labels, C).float()
     common, contrast = onehot * onehot[partners], onehot * (1 - onehot[partners])
     logits = out["branch_logits"]
+    assert model.loss_names[0] == ("ce_a" if name == "acol_coatt" else "ce_single")
     expected = {
-        model.loss_names[0]: F.multilabel_soft_margin_loss(logits[0], onehot),
+        model.loss_names[0]: F.cross_entropy(logits[0], labels),
         "sm_common": F.multilabel_soft_margin_loss(logits[1], common),
         "sm_contrast": F.multilabel_soft_margin_loss(logits[2], contrast),
     }
     total = 0.5 * expected[model.loss_names[0]] + 2.0 * expected["sm_contrast"]
     if name == "acol_coatt":
-        expected["sm_b"] = F.multilabel_soft_margin_loss(logits[3], onehot)
-        total = total + expected["sm_b"]
+        expected["ce_b"] = F.cross_entropy(logits[3], labels)
+        total = total + expected["ce_b"]
     losses = model.compute_loss(out, labels)
     assert set(losses) == {"loss", *expected}
     for key, value in expected.items():
@@ -304,7 +305,7 @@ def test_infer_partners_averages_coattended_maps_over_partners_of_the_predicted_
             assert torch.allclose(out["cam"][i], own[i])
             continue
         att = attend(features[i : i + 1].expand(len(partners), -1, -1, -1), features[partners], weight)
-        maps = select_class_maps(model.head.classifier(att), labels[i].repeat(len(partners)))
+        maps = select_class_maps(model.pair_classifier(att), labels[i].repeat(len(partners)))
         assert torch.allclose(out["cam"][i], normalize_maps(maps.mean(0)), atol=1e-5)
         assert not torch.allclose(out["cam"][i], own[i], atol=1e-3)
     plain = create_model(**{**model.config, "infer_partners": 0})

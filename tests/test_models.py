@@ -220,7 +220,8 @@ def test_train_forward_shapes_loss_and_backward(built: tuple[WsolModel, torch.Te
     if type(model).__name__ in ("CamModel", "AcolModel"):
         assert model.loss_names == tuple(f"ce_{b}" for b in model.branch_names)
     assert set(losses) == {"loss", *model.loss_names}
-    parts = [v for k, v in losses.items() if k != "loss"]
+    weights = getattr(model, "loss_weights", {})  # co-attention weighs its terms; the others sum them
+    parts = [weights.get(k, 1.0) * v for k, v in losses.items() if k != "loss"]
     assert torch.isfinite(losses["loss"]) and torch.allclose(losses["loss"], sum(parts))
     losses["loss"].backward()
     grads = {k: p.grad for k, p in model.named_parameters()}

@@ -9,9 +9,12 @@ pair (m, n) with head features F_m (D×A, A = h_m·w_m positions) and F_n (D×B)
   partner's features it matches), and of n from m: F_{n∩m} = F_m · softmax_cols(P);
 - contrastive features: F_{m\\n} = F_m ⊙ (1 − σ(conv1×1(F_{m∩n}))), i.e. m's own features with the part
   the partner explains gated away;
-- one classifier (1×1 conv to C + GAP) scores all three: the single-image features against m's labels,
-  F_{m∩n} against the labels common to m and n, F_{m\\n} against m's labels absent from n; every term is
-  the multi-label soft margin on multi-hot targets (a pair may share no class: an all-zero target).
+- the single-image features are scored against m's labels by the image-level loss of every model here
+  (cross-entropy; the soft margin with shared anatomy), and give the localisation map;
+- a second classifier (1×1 conv to C + GAP, as in the reference code) scores F_{m∩n} against the labels
+  common to m and n and F_{m\\n} against m's labels absent from n, each by the multi-label soft margin
+  on multi-hot targets (a pair may share no class: an all-zero target). The pair terms weigh
+  `w_common` = `w_contrast` = 0.25 by default.
 
 Here pairs are formed inside the batch by the model's forward (`pair_partners`): each sample i gets one
 partner p(i) != i by `pair_policy` ("same" class, "different" class, or "mixed" uniform), so the train
@@ -20,9 +23,11 @@ attends to p(i) (the row-softmax direction); the other direction, p(i) attending
 pair's job, so every image gets exactly one co-attended and one contrastive view, as in the paper. A
 sample with no partner (batch of 1) is paired with itself and its pair losses are skipped.
 
-Differences to the reference code, on purpose: it uses a second classifier for the pair branches (here
-one classifier is shared, as in the paper's text), trains both directions of each pair plus pairs of an
-image with augmented copies of itself, and adds the contrastive loss from epoch 2 on.
+Differences to the reference code, on purpose: it trains both directions of each pair plus pairs of an
+image with augmented copies of itself, and adds the contrastive loss from epoch 2 on. Why the second
+classifier and the smaller pair weights (the paper's text shares one classifier, weight 1): on the demo
+phantom (`studies/demo.yaml`'s data, in-process, 4 seeds) the shared classifier with weight-1 pair terms
+localised 0.06 PxAP below CAM; either pair term alone already cost 0.05-0.07.
 
 Memory: the A×B affinity is never built whole on the hot path unless it is small. `attend` runs each
 direction through `scaled_dot_product_attention` (query = W_P-projected positions of the attending
@@ -33,10 +38,10 @@ that size (`attention_path`). `coattention_naive` is the reference that builds P
 `benchmarks/coattention_memory.py` compares naive, SDPA and the automatic choice.
 
 `acol_coatt` (no published code has it): branch A is the co-attention head above (single-image,
-co-attended and contrastive terms, one classifier). A's single-image map for the target class (label in
+co-attended and contrastive terms). A's single-image map for the target class (label in
 training, predicted class otherwise) is min-max normalised and positions >= `delta` are zeroed in the
 backbone features fed to branch B, a separate class-map head as in ACoL. Loss = the co-attention losses
-+ `w_erased` × soft margin of B on the image's labels; localisation map = max(M̄_A, M̄_B).
++ `w_erased` × B's image-level loss; localisation map = the fusion of M̄_A, M̄_B (`fusion`).
 
 Inference map (`infer_partners`): 0 gives the image's own single-image map (A's, for `acol_coatt`). K > 0
 averages the raw co-attended maps of the target class over up to K partners drawn from the same batch
@@ -56,7 +61,7 @@ Examples:
     >>> model = create_model("coatt", num_classes=2, in_channels=1, backbone="tiny", pair_policy="mixed")
     >>> out = model(torch.randn(4, 1, 32, 32), labels=torch.tensor([0, 1, 1, 0]))
     >>> sorted(model.compute_loss(out, torch.tensor([0, 1, 1, 0])))
-    ['loss', 'sm_common', 'sm_contrast', 'sm_single']
+    ['ce_single', 'loss', 'sm_common', 'sm_contrast']
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ from torch import Tensor, nn
 
 from .backbones import Backbone
 from .erase import FUSIONS, check_delta, erase_features, normalize_maps, select_class_maps
-from .heads import ClassMapHead, FusionChoice, WsolModel, head_size, row_weights, weighted_mean
+from .heads import ClassMapHead, FusionChoice, WsolModel, head_size, row_weights
 from .registry import register_model
 
 __all__ = [
@@ -178,13 +183,6 @@ def masked_soft_margin(
     per_sample = F.multilabel_soft_margin_loss(logits.float(), targets.float(), reduction="none")
     weights = mask.to(per_sample.dtype) * (1.0 if weights is None else weights.to(per_sample.dtype))
     return (per_sample * weights).sum() / weights.sum().clamp(min=1.0)
-
-
-def _soft_margin(logits: Tensor, targets: Tensor, weights: Tensor | None) -> Tensor:
-    """Multi-label soft margin over the batch: the plain mean, or weighted by row."""
-    if weights is None:
-        return F.multilabel_soft_margin_loss(logits.float(), targets)
-    return weighted_mean(F.multilabel_soft_margin_loss(logits.float(), targets, reduction="none"), weights)
 
 
 # ---------------------------------------------------------------- co-attention (pure)
@@ -319,8 +317,9 @@ class CoattModel(WsolModel):
 
     Branches: "single" (the image alone), "common" (co-attended with its partner), "contrast" (its own
     features less what the partner explains). Outputs add "partners" (N,) to the WsolModel contract.
-    Losses: `sm_<branch>`, multi-label soft margin; the total weighs them by `w_single`, `w_common`,
-    `w_contrast`.
+    Losses: the single-image term as `WsolModel.image_loss` (`ce_single`), the pair terms `sm_common`,
+    `sm_contrast` (multi-label soft margin, scored by `pair_classifier`); the total weighs them by
+    `w_single`, `w_common`, `w_contrast`.
     """
 
     branch_names: tuple[str, ...] = ("single", "common", "contrast")
@@ -334,8 +333,8 @@ class CoattModel(WsolModel):
         head_width: int,
         head_depth: int,
         w_single: float = 1.0,
-        w_common: float = 1.0,
-        w_contrast: float = 1.0,
+        w_common: float = 0.25,
+        w_contrast: float = 0.25,
         infer_partners: int = 0,
         infer_map: str = "single",
         shared_anatomy: bool | str = False,
@@ -355,17 +354,27 @@ class CoattModel(WsolModel):
         self.infer_partners = int(infer_partners)
         self.infer_map = infer_map
         self.head = ClassMapHead(backbone.out_channels, self.num_maps, head_width, head_depth)
-        self.coattention = CoAttention(head_width if head_depth > 0 else backbone.out_channels)
+        channels = head_width if head_depth > 0 else backbone.out_channels
+        self.coattention = CoAttention(channels)
+        # The pair terms' own classifier (as in the reference code): sharing the single-image one let the
+        # pair targets pull the localisation map away from the image's own evidence.
+        self.pair_classifier = nn.Conv2d(channels, self.num_maps, 1)
         weights = _check_weights(w_single=w_single, w_common=w_common, w_contrast=w_contrast)
+        single = super().loss_names[0]
         self.loss_weights = {
-            f"sm_{self.branch_names[0]}": weights["w_single"],
+            single: weights["w_single"],
             "sm_common": weights["w_common"],
             "sm_contrast": weights["w_contrast"],
         }
 
     @property
     def loss_names(self) -> tuple[str, ...]:
-        return tuple(f"sm_{name}" for name in self.branch_names)
+        """The image-level terms as `WsolModel`'s (`ce_<branch>`, or `sm_` with shared anatomy); the pair
+        terms `sm_common`, `sm_contrast` (multi-label soft margin: a pair may share no class)."""
+        image = dict(zip(self.branch_names, super().loss_names, strict=True))
+        return tuple(
+            f"sm_{name}" if name in ("common", "contrast") else image[name] for name in self.branch_names
+        )
 
     def _generator(self) -> torch.Generator | None:
         return None if self.training else torch.Generator().manual_seed(EVAL_PAIR_SEED)
@@ -374,7 +383,7 @@ class CoattModel(WsolModel):
         """Partners by `pair_policy`; the classifier's maps of the co-attended and contrastive features."""
         partners = pair_partners(target, self.pair_policy, self._generator())
         attended, contrast = self.coattention(features, features[partners])
-        return partners, self.head.classifier(attended), self.head.classifier(contrast)
+        return partners, self.pair_classifier(attended), self.pair_classifier(contrast)
 
     @torch.no_grad()
     def _anchor_map(self, features: Tensor, maps_single: Tensor, logits: Tensor, target: Tensor) -> Tensor:
@@ -392,7 +401,7 @@ class CoattModel(WsolModel):
         k = idx.shape[1]
         weight = self.coattention.affinity.weight
         attended = attend(features.repeat_interleave(k, dim=0), features[idx.flatten()], weight)
-        maps = select_class_maps(self.evidence(self.head.classifier(attended)), target.repeat_interleave(k))
+        maps = select_class_maps(self.evidence(self.pair_classifier(attended)), target.repeat_interleave(k))
         maps = maps.view(n, k, *own.shape[1:])
         weights = ok.to(maps.dtype)[..., None, None]
         mean = (maps * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
@@ -403,7 +412,7 @@ class CoattModel(WsolModel):
         valid = target[None, :] != target[:, None]
         idx, ok = sample_partners(valid, 1, self._generator())
         _, contrast = self.coattention(features, features[idx[:, 0]])
-        maps = select_class_maps(self.evidence(self.head.classifier(contrast)), target)
+        maps = select_class_maps(self.evidence(self.pair_classifier(contrast)), target)
         return normalize_maps(torch.where(ok[:, 0, None, None], maps, own))
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
@@ -433,7 +442,7 @@ class CoattModel(WsolModel):
         paired = partners != torch.arange(len(partners), device=partners.device)
         single = self.branch_names[0]
         return {
-            f"sm_{single}": _soft_margin(logits[single], targets, weights),
+            self.loss_names[0]: self.image_loss(logits[single], labels, weights),
             "sm_common": masked_soft_margin(logits["common"], common, paired, weights),
             "sm_contrast": masked_soft_margin(logits["contrast"], contrast, paired, weights),
         }
@@ -477,7 +486,7 @@ class AcolCoattModel(CoattModel, FusionChoice):
             )
         self.init_fusion(fusion, FUSIONS if own_only else tuple(f for f in FUSIONS if f != "joint"))
         self.head_b = ClassMapHead(backbone.out_channels, self.num_maps, head_width, head_depth)
-        self.loss_weights["sm_b"] = _check_weights(w_erased=w_erased)["w_erased"]
+        self.loss_weights[self.loss_names[-1]] = _check_weights(w_erased=w_erased)["w_erased"]
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
         backbone_features = self.backbone(x)
@@ -508,7 +517,7 @@ class AcolCoattModel(CoattModel, FusionChoice):
     ) -> dict[str, Tensor]:
         parts = super()._loss_parts(outputs, labels, weights)
         logits_b = outputs["branch_logits"][self.branch_names.index("b")]
-        parts["sm_b"] = _soft_margin(logits_b, self.targets(labels).to(logits_b.device), weights)
+        parts[self.loss_names[-1]] = self.image_loss(logits_b, labels, weights)
         return parts
 
 
@@ -524,8 +533,8 @@ def coatt(
     head_width: int | None = None,
     head_depth: int | None = None,
     w_single: float = 1.0,
-    w_common: float = 1.0,
-    w_contrast: float = 1.0,
+    w_common: float = 0.25,
+    w_contrast: float = 0.25,
     infer_partners: int = 0,
     infer_map: str = "single",
     shared_anatomy: bool | str = False,
@@ -560,8 +569,8 @@ def acol_coatt(
     head_width: int | None = None,
     head_depth: int | None = None,
     w_single: float = 1.0,
-    w_common: float = 1.0,
-    w_contrast: float = 1.0,
+    w_common: float = 0.25,
+    w_contrast: float = 0.25,
     w_erased: float = 1.0,
     fusion: str = "max",
     infer_partners: int = 0,

@@ -220,28 +220,20 @@ class WsolModel(nn.Module):
 
         Returns {"loss": sum, <loss_names>: each}.
         """
-        branch_logits = outputs["branch_logits"]
         weights = row_weights(labels, class_weights)
-        if self.shared_anatomy is not False:
-            targets = self.targets(labels).to(branch_logits[0].device)
-            if weights is None:
-                values = [F.multilabel_soft_margin_loss(logits.float(), targets) for logits in branch_logits]
-            else:
-                values = [
-                    weighted_mean(
-                        F.multilabel_soft_margin_loss(logits.float(), targets, reduction="none"), weights
-                    )
-                    for logits in branch_logits
-                ]
-        elif weights is None:
-            values = [F.cross_entropy(logits, labels) for logits in branch_logits]
-        else:
-            values = [
-                weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weights)
-                for logits in branch_logits
-            ]
+        values = [self.image_loss(logits, labels, weights) for logits in outputs["branch_logits"]]
         parts = dict(zip(self.loss_names, values, strict=True))
         return {"loss": torch.stack(values).sum(), **parts}
+
+    def image_loss(self, logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+        """One branch's image-level loss: cross-entropy on the labels, or the multi-label soft margin on
+        [one-hot, 1] with shared anatomy; each row weighed by `weights` (`row_weights`) when given."""
+        if self.shared_anatomy is not False:
+            targets = self.targets(labels).to(logits.device)
+            per_row = F.multilabel_soft_margin_loss(logits.float(), targets, reduction="none")
+        else:
+            per_row = F.cross_entropy(logits.float(), labels, reduction="none")
+        return weighted_mean(per_row, weights)
 
     def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict[str, Any]]:
         """Optimiser groups: trainable backbone params at `lr`, head params at `head_lr_mult` × `lr`."""
