@@ -348,9 +348,12 @@ def test_shared_anatomy_adds_an_always_on_class_to_maps_and_loss_only(name: str)
     assert torch.equal(out["logits"], out["branch_logits"][0][:, :C])
     targets = torch.cat([F.one_hot(labels, C).float(), torch.ones(4, 1)], dim=1)
     losses = model.compute_loss(out, labels)
-    assert all(k.startswith("sm_") for k in losses if k != "loss")
-    first = model.loss_names[0]
-    assert torch.allclose(losses[first], F.multilabel_soft_margin_loss(out["branch_logits"][0], targets))
+    assert all(k.startswith("ce_") for k in losses if k not in ("loss", "sm_common", "sm_contrast"))
+    first, logits = model.loss_names[0], out["branch_logits"][0]
+    anatomy = F.binary_cross_entropy_with_logits(
+        logits[:, C], torch.ones(4)
+    )  # CE on classes + BCE on anatomy
+    assert torch.allclose(losses[first], F.cross_entropy(logits[:, :C], labels) + anatomy)
     if "partners" in out:  # the anatomy class is common to every pair, never contrastive
         common, contrast = pair_targets(targets, out["partners"])
         assert (common[:, C] == 1).all() and (contrast[:, C] == 0).all()

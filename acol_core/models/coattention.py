@@ -9,8 +9,8 @@ pair (m, n) with head features F_m (D×A, A = h_m·w_m positions) and F_n (D×B)
   partner's features it matches), and of n from m: F_{n∩m} = F_m · softmax_cols(P);
 - contrastive features: F_{m\\n} = F_m ⊙ (1 − σ(conv1×1(F_{m∩n}))), i.e. m's own features with the part
   the partner explains gated away;
-- the single-image features are scored against m's labels by the image-level loss of every model here
-  (cross-entropy; the soft margin with shared anatomy), and give the localisation map;
+- the single-image features are scored against m's labels by every model's image-level loss
+  (`WsolModel.image_loss`: cross-entropy, plus the anatomy term with shared anatomy) and give the map;
 - a second classifier (1×1 conv to C + GAP, as in the reference code) scores F_{m∩n} against the labels
   common to m and n and F_{m\\n} against m's labels absent from n, each by the multi-label soft margin
   on multi-hot targets (a pair may share no class: an all-zero target). The pair terms weigh
@@ -369,7 +369,7 @@ class CoattModel(WsolModel):
 
     @property
     def loss_names(self) -> tuple[str, ...]:
-        """The image-level terms as `WsolModel`'s (`ce_<branch>`, or `sm_` with shared anatomy); the pair
+        """The image-level terms as `WsolModel`'s (`ce_<branch>`, or `sm_` when competing); the pair
         terms `sm_common`, `sm_contrast` (multi-label soft margin: a pair may share no class)."""
         image = dict(zip(self.branch_names, super().loss_names, strict=True))
         return tuple(

