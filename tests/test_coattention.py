@@ -214,7 +214,7 @@ def test_bad_coattention_options_raise(options: dict[str, object]) -> None:
         _model("acol_coatt", delta=1.0)
 
 
-def test_coatt_branches_single_on_the_head_pairs_on_their_own_classifier() -> None:
+def test_coatt_branches_common_on_its_own_classifier_single_and_contrast_on_the_head() -> None:
     model, x, labels = _model("coatt", pair_policy="mixed").train(), _batch(), torch.tensor([0, 1, 2, 1])
     torch.manual_seed(9)
     out = model(x, labels)
@@ -227,8 +227,8 @@ def test_coatt_branches_single_on_the_head_pairs_on_their_own_classifier() -> No
         contrast = contrastive_features(features, model.coattention.gate(attended))
         expected = {
             "single": model.head.classifier(features),
-            "common": model.pair_classifier(attended),
-            "contrast": model.pair_classifier(contrast),
+            "common": model.common_classifier(attended),
+            "contrast": model.head.classifier(contrast),
         }
     assert list(out["maps"]) == ["single", "common", "contrast"]
     for name, maps in expected.items():
@@ -305,7 +305,7 @@ def test_infer_partners_averages_coattended_maps_over_partners_of_the_predicted_
             assert torch.allclose(out["cam"][i], own[i])
             continue
         att = attend(features[i : i + 1].expand(len(partners), -1, -1, -1), features[partners], weight)
-        maps = select_class_maps(model.pair_classifier(att), labels[i].repeat(len(partners)))
+        maps = select_class_maps(model.common_classifier(att), labels[i].repeat(len(partners)))
         assert torch.allclose(out["cam"][i], normalize_maps(maps.mean(0)), atol=1e-5)
         assert not torch.allclose(out["cam"][i], own[i], atol=1e-3)
     plain = create_model(**{**model.config, "infer_partners": 0})

@@ -109,7 +109,7 @@ def test_contrast_infer_map_is_the_contrastive_map_against_another_class(name: s
         own = normalize_maps(select_class_maps(model.evidence(model.head.classifier(features)), labels))
         # sample 0's only partner of another class is one of 1..3; 1..3 all pair with 0
         _, contrast = model.coattention(features, features[torch.tensor([1, 0, 0, 0])])
-        maps = normalize_maps(select_class_maps(model.evidence(model.pair_classifier(contrast)), labels))
+        maps = normalize_maps(select_class_maps(model.evidence(model.head.classifier(contrast)), labels))
     cam_a = out["cam"] if name == "coatt" else None
     if cam_a is not None:
         assert torch.allclose(cam_a[1:], maps[1:], atol=1e-5)

@@ -11,10 +11,11 @@ pair (m, n) with head features F_m (D×A, A = h_m·w_m positions) and F_n (D×B)
   the partner explains gated away;
 - the single-image features are scored against m's labels by every model's image-level loss
   (`WsolModel.image_loss`: cross-entropy, plus the anatomy term with shared anatomy) and give the map;
-- a second classifier (1×1 conv to C + GAP, as in the reference code) scores F_{m∩n} against the labels
-  common to m and n and F_{m\\n} against m's labels absent from n, each by the multi-label soft margin
-  on multi-hot targets (a pair may share no class: an all-zero target). The pair terms weigh
-  `w_common` = `w_contrast` = 0.25 by default.
+- a second classifier (1×1 conv to C + GAP; the reference code has one) scores F_{m∩n} against the
+  labels common to m and n; the image's own classifier scores F_{m\\n} against m's labels absent from n
+  (what is specific to m is still m's evidence); both by the multi-label soft margin on multi-hot targets
+  (a pair may share no class: an all-zero target). The pair terms weigh `w_common` = `w_contrast` = 0.25
+  by default.
 
 Here pairs are formed inside the batch by the model's forward (`pair_partners`): each sample i gets one
 partner p(i) != i by `pair_policy` ("same" class, "different" class, or "mixed" uniform), so the train
@@ -24,10 +25,11 @@ pair's job, so every image gets exactly one co-attended and one contrastive view
 sample with no partner (batch of 1) is paired with itself and its pair losses are skipped.
 
 Differences to the reference code, on purpose: it trains both directions of each pair plus pairs of an
-image with augmented copies of itself, and adds the contrastive loss from epoch 2 on. Why the second
-classifier and the smaller pair weights (the paper's text shares one classifier, weight 1): on the demo
-phantom (`studies/demo.yaml`'s data, in-process, 4 seeds) the shared classifier with weight-1 pair terms
-localised 0.06 PxAP below CAM; either pair term alone already cost 0.05-0.07.
+image with augmented copies of itself, and adds the contrastive loss from epoch 2 on. Why this split and
+the smaller pair weights (the paper's text shares one classifier, weight 1): on the demo phantom
+(`studies/demo.yaml`'s data, in-process) one shared classifier with weight-1 terms localised 0.06 PxAP
+below CAM (4 seeds), either pair term alone 0.05-0.07; the contrast term on a second classifier too
+gave a contrastive map (`infer_map: contrast`) of 0.02 PxAP: its gate closed everywhere.
 
 Memory: the A×B affinity is never built whole on the hot path unless it is small. `attend` runs each
 direction through `scaled_dot_product_attention` (query = W_P-projected positions of the attending
@@ -318,7 +320,8 @@ class CoattModel(WsolModel):
     Branches: "single" (the image alone), "common" (co-attended with its partner), "contrast" (its own
     features less what the partner explains). Outputs add "partners" (N,) to the WsolModel contract.
     Losses: the single-image term as `WsolModel.image_loss` (`ce_single`), the pair terms `sm_common`,
-    `sm_contrast` (multi-label soft margin, scored by `pair_classifier`); the total weighs them by
+    `sm_contrast` (multi-label soft margin; common scored by `common_classifier`, contrast by the head's
+    classifier); the total weighs them by
     `w_single`, `w_common`, `w_contrast`.
     """
 
@@ -356,9 +359,9 @@ class CoattModel(WsolModel):
         self.head = ClassMapHead(backbone.out_channels, self.num_maps, head_width, head_depth)
         channels = head_width if head_depth > 0 else backbone.out_channels
         self.coattention = CoAttention(channels)
-        # The pair terms' own classifier (as in the reference code): sharing the single-image one let the
-        # pair targets pull the localisation map away from the image's own evidence.
-        self.pair_classifier = nn.Conv2d(channels, self.num_maps, 1)
+        # The common term's own classifier (the reference code has a second one): its targets (what the
+        # pair shares, often nothing) pulled the single-image map away from the image's own evidence.
+        self.common_classifier = nn.Conv2d(channels, self.num_maps, 1)
         weights = _check_weights(w_single=w_single, w_common=w_common, w_contrast=w_contrast)
         single = super().loss_names[0]
         self.loss_weights = {
@@ -383,7 +386,7 @@ class CoattModel(WsolModel):
         """Partners by `pair_policy`; the classifier's maps of the co-attended and contrastive features."""
         partners = pair_partners(target, self.pair_policy, self._generator())
         attended, contrast = self.coattention(features, features[partners])
-        return partners, self.pair_classifier(attended), self.pair_classifier(contrast)
+        return partners, self.common_classifier(attended), self.head.classifier(contrast)
 
     @torch.no_grad()
     def _anchor_map(self, features: Tensor, maps_single: Tensor, logits: Tensor, target: Tensor) -> Tensor:
@@ -401,7 +404,7 @@ class CoattModel(WsolModel):
         k = idx.shape[1]
         weight = self.coattention.affinity.weight
         attended = attend(features.repeat_interleave(k, dim=0), features[idx.flatten()], weight)
-        maps = select_class_maps(self.evidence(self.pair_classifier(attended)), target.repeat_interleave(k))
+        maps = select_class_maps(self.evidence(self.common_classifier(attended)), target.repeat_interleave(k))
         maps = maps.view(n, k, *own.shape[1:])
         weights = ok.to(maps.dtype)[..., None, None]
         mean = (maps * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
@@ -412,7 +415,7 @@ class CoattModel(WsolModel):
         valid = target[None, :] != target[:, None]
         idx, ok = sample_partners(valid, 1, self._generator())
         _, contrast = self.coattention(features, features[idx[:, 0]])
-        maps = select_class_maps(self.evidence(self.pair_classifier(contrast)), target)
+        maps = select_class_maps(self.evidence(self.head.classifier(contrast)), target)
         return normalize_maps(torch.where(ok[:, 0, None, None], maps, own))
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
