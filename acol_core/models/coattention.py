@@ -321,8 +321,7 @@ class CoattModel(WsolModel):
     features less what the partner explains). Outputs add "partners" (N,) to the WsolModel contract.
     Losses: the single-image term as `WsolModel.image_loss` (`ce_single`), the pair terms `sm_common`,
     `sm_contrast` (multi-label soft margin; common scored by `common_classifier`, contrast by the head's
-    classifier); the total weighs them by
-    `w_single`, `w_common`, `w_contrast`.
+    classifier); the total weighs them by `w_single`, `w_common`, `w_contrast`.
     """
 
     branch_names: tuple[str, ...] = ("single", "common", "contrast")
@@ -363,9 +362,8 @@ class CoattModel(WsolModel):
         # pair shares, often nothing) pulled the single-image map away from the image's own evidence.
         self.common_classifier = nn.Conv2d(channels, self.num_maps, 1)
         weights = _check_weights(w_single=w_single, w_common=w_common, w_contrast=w_contrast)
-        single = super().loss_names[0]
         self.loss_weights = {
-            single: weights["w_single"],
+            self.loss_names[0]: weights["w_single"],
             "sm_common": weights["w_common"],
             "sm_contrast": weights["w_contrast"],
         }
@@ -383,7 +381,8 @@ class CoattModel(WsolModel):
         return None if self.training else torch.Generator().manual_seed(EVAL_PAIR_SEED)
 
     def _pair_branches(self, features: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Partners by `pair_policy`; the classifier's maps of the co-attended and contrastive features."""
+        """Partners by `pair_policy`; the maps of the co-attended features (`common_classifier`) and of the
+        contrastive ones (the head's classifier)."""
         partners = pair_partners(target, self.pair_policy, self._generator())
         attended, contrast = self.coattention(features, features[partners])
         return partners, self.common_classifier(attended), self.head.classifier(contrast)
